@@ -1,0 +1,30 @@
+"""lightning-hpsgd: Hierarchical Parallel SGD as a PyTorch Lightning strategy.
+
+Importing the package registers the strategy names ``"hpsgd"``, ``"hpsgd_spawn"``, ``"hpsgd_fork"``,
+``"hpsgd_notebook"`` and ``"hpsgd_stale"`` with Lightning, so ``Trainer(strategy="hpsgd")`` works.
+"""
+
+from lightning.pytorch.strategies import StrategyRegistry
+
+from lightning_hpsgd.engine import (
+    HPSGDCommunicationError,
+    HPSGDEngine,
+    HPSGDError,
+    NonFiniteUpdateError,
+    RanksOutOfStepError,
+)
+from lightning_hpsgd.strategy import HPSGDStrategy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HPSGDCommunicationError",
+    "HPSGDEngine",
+    "HPSGDError",
+    "HPSGDStrategy",
+    "NonFiniteUpdateError",
+    "RanksOutOfStepError",
+]
+
+# Registration is idempotent (override=True): children of the popen launcher import this module again.
+HPSGDStrategy.register_strategies(StrategyRegistry)

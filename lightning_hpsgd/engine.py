@@ -1,0 +1,367 @@
+"""The HPSGD rule of ``HPSGD.md`` on a list of tensors and a process group.
+
+This module imports only torch and torch.distributed, so it can be used (and tested) without a training framework.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_hpsgd.tensor_utils import FlatLayout, accumulation_dtype, broadcast_tensors
+
+log = logging.getLogger(__name__)
+
+MergeMode = Literal["replica", "stale"]
+MERGE_MODES: tuple[str, ...] = ("replica", "stale")
+COMM_DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+class HPSGDError(RuntimeError):
+    """Base class of the errors the HPSGD engine raises on every rank at once."""
+
+
+class NonFiniteUpdateError(HPSGDError):
+    """A worker's change Δ held NaN or inf; it was stopped before reaching the global model."""
+
+
+class RanksOutOfStepError(HPSGDError):
+    """Ranks reached an HPSGD collective at different optimizer steps (their step counts diverged)."""
+
+
+class HPSGDCommunicationError(HPSGDError):
+    """An HPSGD all-reduce failed: a peer died, hung past the timeout, or the network broke."""
+
+
+def resolve_comm_dtype(comm_dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+    """Turn the ``comm_dtype`` option into a dtype, or raise a ``ValueError`` naming the accepted values.
+
+    Args:
+        comm_dtype: ``None`` (full precision), ``torch.bfloat16`` / ``torch.float16``, or one of the strings
+            ``"bf16"``, ``"bfloat16"``, ``"fp16"``, ``"float16"``, ``"half"`` (also with a ``"torch."`` prefix).
+    """
+    if comm_dtype is None:
+        return None
+    if isinstance(comm_dtype, torch.dtype) and comm_dtype in COMM_DTYPES.values():
+        return comm_dtype
+    if isinstance(comm_dtype, str):
+        key = comm_dtype.lower().removeprefix("torch.")
+        if key in COMM_DTYPES:
+            return COMM_DTYPES[key]
+        if key in ("none", "null", "fp32", "float32", "32"):
+            return None
+    raise ValueError(
+        f"comm_dtype must be None (full precision), torch.bfloat16 or torch.float16 (or one of the strings"
+        f" {sorted(COMM_DTYPES)}); received {comm_dtype!r}."
+    )
+
+
+def validate_options(sync_every: object, merge: object) -> None:
+    """Raise a ``ValueError`` naming the accepted values if ``sync_every`` or ``merge`` is invalid."""
+    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+        raise ValueError(f"sync_every must be an integer >= 1 (optimizer steps per round); received {sync_every!r}.")
+    if merge not in MERGE_MODES:
+        raise ValueError(f"merge must be one of {list(MERGE_MODES)}; received {merge!r}.")
+
+
+@dataclass
+class _Pending:
+    """An all-reduce launched at the end of the round that ended at optimizer step ``step``."""
+
+    step: int
+    is_flush: bool
+    works: tuple[dist.Work, ...]
+    launched_at: float
+
+
+@dataclass
+class EngineStats:
+    """What the engine measured; the figures grow over a run.
+
+    Attributes:
+        rounds: all-reduces merged (sync points and flushes).
+        flushes: blocking all-reduces run by ``flush``.
+        wait_seconds: host seconds spent waiting for the pending all-reduce of a sync point (not counting flushes).
+        last_wait_seconds: the wait of the latest sync point.
+        bytes_per_round: payload bytes of one all-reduce, per rank.
+    """
+
+    rounds: int = 0
+    flushes: int = 0
+    wait_seconds: float = 0.0
+    last_wait_seconds: float = 0.0
+    bytes_per_round: int = 0
+
+
+class HPSGDEngine:
+    r"""Hierarchical Parallel SGD on a list of tensors (the replica ``R``) and a process group.
+
+    State on every rank, named as in ``HPSGD.md``:
+
+    * ``R`` (``replica``): the tensors the optimizer updates (parameters and floating-point buffers).
+    * ``G`` (``global_``): the sum of every average merged so far; equal on every rank.
+    * ``S`` (``start``): the value of ``R`` right after the last sync point.
+    * ``P`` (``pending``): an all-reduce that was launched and not yet merged, or ``None``.
+
+    At a sync point (after every ``sync_every``-th optimizer step):
+
+    .. math::
+
+        \Delta &= R - S \\
+        G &\leftarrow G + \tfrac{1}{W}\textstyle\sum_{w} P_w \quad \text{(if } P \text{ is pending; wait for it)} \\
+        R &\leftarrow G + \Delta \ \text{(merge="replica")} \quad\text{or}\quad R \leftarrow G \ \text{(merge="stale")} \\
+        S &\leftarrow R, \qquad P \leftarrow \text{all\_reduce\_async}(\Delta)
+
+    A flush merges ``P``, runs a blocking all-reduce of the last ``Δ`` and sets ``R = S = G``, so every rank holds
+    the same model and nothing is in flight.
+
+    ``G``, ``S`` and the communication buffers are flat and preallocated, in fp32 or the widest dtype of ``R``. The
+    all-reduce carries a small integer side channel (each rank's step and a non-finite flag) so that every rank
+    detects, at the same point, a NaN/inf change or ranks whose step counts diverged.
+
+    Args:
+        replica: the tensors to average, all floating-point and on one device. They are updated in place.
+        names: one name per tensor, used in error messages (default: ``tensor{i}``).
+        group: the process group for the HPSGD all-reduce. Give it a group of its own so that other collectives
+            never queue behind a pending round (default: the world).
+        sync_every: ``H``, optimizer steps per round (>= 1; default 1).
+        merge: ``"replica"`` (HPSGD: ``R ← G + Δ``) or ``"stale"`` (``R ← G``, the stale-gradient baseline).
+        comm_dtype: dtype on the wire (``None``: full precision; bf16/fp16 compress, ``G`` stays fp32 or wider).
+        broadcast_extra: tensors that are not averaged but must start equal (frozen parameters, integer buffers);
+            broadcast from rank 0 at construction together with ``replica``.
+        broadcast: whether to broadcast rank 0's values at construction (default ``True``). Set ``False`` only if
+            the caller has already made ``replica`` identical on every rank.
+    """
+
+    def __init__(
+        self,
+        replica: Sequence[Tensor],
+        names: Optional[Sequence[str]] = None,
+        *,
+        group: Optional[dist.ProcessGroup] = None,
+        sync_every: int = 1,
+        merge: MergeMode = "replica",
+        comm_dtype: Union[str, torch.dtype, None] = None,
+        broadcast_extra: Sequence[Tensor] = (),
+        broadcast: bool = True,
+    ) -> None:
+        validate_options(sync_every, merge)
+        self.replica = [t.detach() for t in replica]
+        self.names = list(names) if names is not None else [f"tensor{i}" for i in range(len(self.replica))]
+        if len(self.names) != len(self.replica):
+            raise ValueError(f"Got {len(self.names)} names for {len(self.replica)} tensors.")
+        for name, tensor in zip(self.names, self.replica):
+            if not tensor.is_floating_point():
+                raise ValueError(
+                    f"HPSGD averages floating-point tensors only; {name!r} has dtype {tensor.dtype}. Leave integer"
+                    " tensors out of `replica` (pass them as `broadcast_extra`)."
+                )
+        self.group = group
+        self.sync_every = sync_every
+        self.merge = merge
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+        self.layout = FlatLayout(self.replica, accumulation_dtype(self.replica))
+        self.device = self.layout.device
+        self.comm_dtype = resolve_comm_dtype(comm_dtype) or self.layout.dtype
+        self.compressed = self.comm_dtype != self.layout.dtype
+        # When R is stored in a narrower dtype than G (bf16-true), writing G + Δ into R rounds it, so S must be
+        # re-read from R for Δ to measure only the optimizer's progress.
+        self._replica_is_narrow = any(t.dtype != self.layout.dtype for t in self.replica)
+
+        if broadcast:
+            broadcast_tensors(self.replica + [t.detach() for t in broadcast_extra], src=self._src(), group=group)
+
+        self.global_ = self.layout.new_buffer()
+        self.start = self.layout.new_buffer()
+        self._start_views = self.layout.views(self.start)
+        self._delta = self.layout.new_buffer()
+        self._wire = self.layout.new_buffer(self.comm_dtype)
+        # Side channel, summed across ranks: [0, W) each rank's step code, [W, 2W) each rank's non-finite flag.
+        self._meta = torch.zeros(2 * self.world_size, dtype=torch.int64, device=self.device)
+        self._comm_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
+        self.pending: Optional[_Pending] = None
+        self.steps_since_flush = 0
+        self.aborted = False
+        self.stats = EngineStats(bytes_per_round=self._wire.numel() * self._wire.element_size())
+
+        with torch.no_grad():
+            torch._foreach_copy_(self._start_views, self.replica)
+            self.global_.copy_(self.start)
+        log.debug(
+            "HPSGDEngine: %d tensors, %d elements, G in %s, wire in %s, world size %d",
+            len(self.replica), self.layout.numel, self.layout.dtype, self.comm_dtype, self.world_size,
+        )
+
+    # ------------------------------------------------------------------ public API
+
+    def on_optimizer_step(self, step: int) -> bool:
+        """Record that optimizer step number ``step`` (1-based, as ``global_step`` counts) was taken.
+
+        Runs a sync point when ``step`` is a multiple of ``sync_every``.
+
+        Returns:
+            Whether a sync point ran.
+        """
+        self.steps_since_flush += 1
+        if step % self.sync_every != 0:
+            return False
+        self.sync_point(step)
+        return True
+
+    @torch.no_grad()
+    def sync_point(self, step: int) -> None:
+        """Steps 1-5 of the rule: merge the pending average, rebase ``R`` and launch this round's all-reduce."""
+        self._check_usable()
+        self._compute_delta()
+        wait_seconds = self._merge_pending()
+        if self.merge == "replica":
+            torch.add(self.global_, self._delta, out=self.start)
+        else:
+            self.start.copy_(self.global_)
+        self._write_replica_from_start()
+        self._launch(step, is_flush=False)
+        self.stats.last_wait_seconds = wait_seconds
+        self.stats.wait_seconds += wait_seconds
+
+    @torch.no_grad()
+    def flush(self, step: int) -> bool:
+        """Leave every rank with ``R = S = G`` and nothing in flight (a blocking all-reduce of the last ``Δ``).
+
+        Does nothing (and communicates nothing) when no optimizer step was taken since the last flush; that
+        condition is the same on every rank because every rank counts the same steps.
+
+        Returns:
+            Whether anything was communicated.
+        """
+        self._check_usable()
+        if self.pending is None and self.steps_since_flush == 0:
+            return False
+        self._compute_delta()
+        self._merge_pending()
+        self._launch(step, is_flush=True)
+        self._merge_pending()
+        self.start.copy_(self.global_)
+        self._write_replica_from_start()
+        self.steps_since_flush = 0
+        self.stats.flushes += 1
+        return True
+
+    def abandon(self) -> None:
+        """Give up after an error: drop the pending all-reduce without waiting and refuse further collectives.
+
+        No collective runs here, since the error may have hit one rank only and the others may never answer.
+        """
+        if self.pending is not None:
+            log.debug("HPSGDEngine: abandoning the all-reduce of step %d", self.pending.step)
+        self.pending = None
+        self.aborted = True
+
+    # ------------------------------------------------------------------ the rule's steps
+
+    def _compute_delta(self) -> None:
+        torch._foreach_copy_(self.layout.views(self._delta), self.replica)
+        self._delta.sub_(self.start)
+
+    def _write_replica_from_start(self) -> None:
+        torch._foreach_copy_(self.replica, self._start_views)
+        if self._replica_is_narrow:
+            torch._foreach_copy_(self._start_views, self.replica)
+
+    def _launch(self, step: int, is_flush: bool) -> None:
+        stream_ctx = nullcontext()
+        if self._comm_stream is not None:
+            # The wire buffer is written on the compute stream; the all-reduce runs on the side stream after it.
+            self._comm_stream.wait_stream(torch.cuda.current_stream(self.device))
+            stream_ctx = torch.cuda.stream(self._comm_stream)
+        if self.compressed:
+            self._wire.copy_(self._delta)
+        else:
+            # Double buffering: the freshly computed Δ goes on the wire, and the merged wire becomes scratch.
+            self._delta, self._wire = self._wire, self._delta
+        self._meta.zero_()
+        self._meta[self.rank] = 2 * step + int(is_flush)
+        self._meta[self.world_size + self.rank] = torch.logical_not(
+            torch.isfinite(self._wire.sum(dtype=self.layout.dtype))
+        )
+        with stream_ctx:
+            works = (
+                dist.all_reduce(self._wire, group=self.group, async_op=True),
+                dist.all_reduce(self._meta, group=self.group, async_op=True),
+            )
+        self.pending = _Pending(step=step, is_flush=is_flush, works=works, launched_at=time.perf_counter())
+
+    def _merge_pending(self) -> float:
+        """Wait for ``P`` and set ``G ← G + mean(P)``. Returns the host seconds spent waiting."""
+        pending = self.pending
+        if pending is None:
+            return 0.0
+        self.pending = None
+        started = time.perf_counter()
+        try:
+            for work in pending.works:
+                work.wait()
+            if self._comm_stream is not None:
+                torch.cuda.current_stream(self.device).wait_stream(self._comm_stream)
+            meta = self._meta.tolist()
+        except RuntimeError as err:
+            self.aborted = True
+            raise HPSGDCommunicationError(
+                f"HPSGD: the all-reduce of the round that ended at optimizer step {pending.step} failed on rank"
+                f" {self.rank}: {err}. A peer process probably died, hung past the process group timeout, or lost"
+                " its network. Check the other ranks' logs; resume from the last checkpoint."
+            ) from err
+        waited = time.perf_counter() - started
+        self._check_meta(meta, pending)
+        self.global_.add_(self._wire, alpha=1.0 / self.world_size)
+        self.stats.rounds += 1
+        return waited
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_meta(self, meta: list[int], pending: _Pending) -> None:
+        codes = meta[: self.world_size]
+        if len(set(codes)) != 1:
+            self.aborted = True
+            seen = ", ".join(
+                f"rank {r}: {'flush' if c % 2 else 'sync point'} at step {c // 2}" for r, c in enumerate(codes)
+            )
+            raise RanksOutOfStepError(
+                f"HPSGD: ranks reached the all-reduce at different points ({seen}). Every rank must take the same"
+                " number of optimizer steps: with manual optimization, call `optimizer.step()` under the same"
+                " conditions on every rank, and give every rank the same number of batches."
+            )
+        bad_ranks = [r for r, flag in enumerate(meta[self.world_size :]) if flag]
+        if bad_ranks:
+            self.aborted = True
+            bad = (~torch.isfinite(self._wire)).nonzero()
+            where = self.names[self.layout.index_of(int(bad[0]))] if bad.numel() else "(overflow on the wire)"
+            kind = "round" if not pending.is_flush else "flush"
+            raise NonFiniteUpdateError(
+                f"HPSGD: a non-finite update (NaN or inf) from rank(s) {bad_ranks} in the {kind} that ended at"
+                f" optimizer step {pending.step}, first in parameter {where!r}. It was not merged into the global"
+                " model. Lower the learning rate, clip gradients (Trainer(gradient_clip_val=...)), or check the"
+                " data of that step; with comm_dtype=float16, values beyond ±65504 overflow, so try bfloat16."
+            )
+
+    def _check_usable(self) -> None:
+        if self.aborted:
+            raise HPSGDError("HPSGD: this engine was abandoned after an error; create a new one to train again.")
+
+    def _src(self) -> int:
+        return dist.get_global_rank(self.group, 0) if self.group is not None else 0

@@ -1,0 +1,366 @@
+"""``HPSGDStrategy``: Lightning's lifecycle mapped onto the HPSGD engine.
+
+setup → broadcast and initialise; optimizer step → sync point; validation start, checkpoint, end of fit and
+teardown → flush. The maths lives in :mod:`lightning_hpsgd.engine`.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any, Callable, Literal, Optional, Union
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies import _StrategyRegistry
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.overrides.distributed import _sync_module_states
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch.nn import Module
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_hpsgd.engine import HPSGDEngine, MergeMode, resolve_comm_dtype, validate_options
+from lightning_hpsgd.optim_state import gather_to_rank0, mean_of_states, to_cpu
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KEY = "hpsgd"
+
+
+class HPSGDStrategy(DDPStrategy):
+    """Hierarchical Parallel SGD: each rank trains its own replica while the previous round's average is in flight.
+
+    A subclass of :class:`~lightning.pytorch.strategies.DDPStrategy` that reuses its launchers, cluster
+    environments and distributed samplers, but never wraps the model in ``DistributedDataParallel``: gradients
+    stay local, and every ``sync_every`` optimizer steps the rank's change is all-reduced on a process group of its
+    own, overlapped with the next steps (see ``HPSGD.md``).
+
+    Args:
+        sync_every: ``H``, optimizer steps per round, counted as ``trainer.global_step`` counts them (so gradient
+            accumulation and manual optimization count correctly). Integer >= 1; default 1.
+        merge: ``"replica"`` (default; HPSGD, a rank's own progress stays visible at once: ``R ← G + Δ``) or
+            ``"stale"`` (the naive stale-gradient pipeline: ``R ← G``; the paper's baseline).
+        comm_dtype: dtype on the wire. ``None`` (default) sends full precision; ``torch.bfloat16`` /
+            ``torch.float16`` (or ``"bf16"`` / ``"fp16"``) halve the bytes, while the global model is still
+            accumulated in fp32 or wider.
+        process_group_backend: ``"gloo"`` or ``"nccl"``; default: the accelerator's default, as in DDP.
+        timeout: how long a collective may wait for a peer before the rank fails (a ``timedelta``, or seconds as a
+            number). Default: PyTorch's default process group timeout (30 minutes), as in DDP.
+        start_method: ``"popen"`` (default; re-runs the script per rank), ``"spawn"``, ``"fork"`` or
+            ``"forkserver"``, as in DDP.
+        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin: as in DDP; the
+            ``Trainer`` sets them.
+    """
+
+    strategy_name = "hpsgd"
+
+    def __init__(
+        self,
+        sync_every: int = 1,
+        merge: MergeMode = "replica",
+        comm_dtype: Union[str, torch.dtype, None] = None,
+        accelerator: Optional[Accelerator] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Union[timedelta, float, None] = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+    ) -> None:
+        validate_options(sync_every, merge)
+        if start_method not in ("popen", "spawn", "fork", "forkserver"):
+            raise ValueError(
+                f"start_method must be one of ['popen', 'spawn', 'fork', 'forkserver']; received {start_method!r}."
+            )
+        if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+            timeout = timedelta(seconds=timeout)
+        if timeout is not None and (not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0):
+            raise ValueError(f"timeout must be a positive timedelta or number of seconds; received {timeout!r}.")
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        self.sync_every = sync_every
+        self.merge = merge
+        self.comm_dtype = resolve_comm_dtype(comm_dtype)
+        self._engine: Optional[HPSGDEngine] = None
+        self._hpsgd_group: Optional[dist.ProcessGroup] = None
+        self._flush_callback: Optional[_FlushFirst] = None
+        self._optimizer_steps = 0
+
+    @property
+    def engine(self) -> Optional[HPSGDEngine]:
+        """The engine of the current fit, or ``None`` outside ``trainer.fit``."""
+        return self._engine
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @override
+    def setup(self, trainer: Trainer) -> None:
+        assert self.accelerator is not None
+        self.accelerator.setup(trainer)
+        assert self.model is not None
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting and self._layer_sync:
+            self.model = self._layer_sync.apply(self.model)
+        self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        if fitting:
+            _reject_wrapped_modules(self.model)
+            self.setup_optimizers(trainer)
+            _reject_sharded_optimizers(self.optimizers)
+            self._engine = self._build_engine()
+            self._flush_callback = _FlushFirst(self)
+            trainer.callbacks.insert(0, self._flush_callback)
+        else:
+            _sync_module_states(self.model)
+        self.setup_precision_plugin()
+        if fitting:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    @override
+    def on_train_start(self) -> None:
+        trainer = self.lightning_module.trainer
+        self._optimizer_steps = trainer.global_step
+        log.debug(f"{self.__class__.__name__}: training starts at optimizer step {self._optimizer_steps}")
+
+    @override
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: Optional[Union[LightningModule, Module]] = None,
+        **kwargs: Any,
+    ) -> Any:
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self._engine is not None:
+            self._optimizer_steps += 1
+            self._engine.on_optimizer_step(self._optimizer_steps)
+        return output
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        # Lightning reads the model's state first when it dumps a checkpoint, on every rank.
+        self.flush("checkpoint")
+        return super().lightning_module_state_dict()
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None
+    ) -> None:
+        if self._engine is not None and "optimizer_states" in checkpoint and not self._engine.aborted:
+            checkpoint[CHECKPOINT_KEY] = self._gather_optimizer_states()
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if saved is None:
+            # A checkpoint from DDP (or any strategy whose ranks share one optimizer state).
+            super().load_optimizer_state_dict(checkpoint)
+            return
+        per_rank = saved["optimizer_states"]
+        if saved["world_size"] == self.world_size:
+            states = per_rank[self.global_rank]
+        else:
+            rank_zero_warn(
+                f"HPSGD: the checkpoint was written by {saved['world_size']} ranks and is resumed on"
+                f" {self.world_size}. Each rank starts from the mean of the saved per-rank optimizer states"
+                " (momentum, Adam moments), so the run will not continue exactly as the original would have."
+            )
+            states = [mean_of_states([rank_states[i] for rank_states in per_rank]) for i in range(len(per_rank[0]))]
+        for optimizer, state in zip(self.optimizers, states):
+            optimizer.load_state_dict(state)
+            _optimizers_to_device([optimizer], self.root_device)
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        self._abandon(exception)
+
+    @override
+    def teardown(self) -> None:
+        self.flush("teardown")
+        self._engine = None
+        if self._flush_callback is not None and self.lightning_module is not None:
+            trainer = self.lightning_module._trainer
+            if trainer is not None and self._flush_callback in trainer.callbacks:
+                trainer.callbacks.remove(self._flush_callback)
+        self._flush_callback = None
+        super().teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        entries = (
+            ("hpsgd", "popen", "replica"),
+            ("hpsgd_spawn", "spawn", "replica"),
+            ("hpsgd_fork", "fork", "replica"),
+            ("hpsgd_notebook", "fork", "replica"),
+            ("hpsgd_stale", "popen", "stale"),
+        )
+        for name, start_method, merge in entries:
+            strategy_registry.register(
+                name,
+                cls,
+                description=f"HPSGD strategy with merge={merge!r} and start_method={start_method!r}",
+                override=True,
+                start_method=start_method,
+                merge=merge,
+            )
+
+    # ------------------------------------------------------------------ helpers
+
+    def flush(self, reason: str = "request") -> bool:
+        """Bring every rank to the same model with nothing in flight (a collective: call it on every rank).
+
+        Returns:
+            Whether anything was communicated.
+        """
+        if self._engine is None or self._engine.aborted:
+            return False
+        flushed = self._engine.flush(self._optimizer_steps)
+        if flushed:
+            log.debug(f"{self.__class__.__name__}: flushed at step {self._optimizer_steps} ({reason})")
+        return flushed
+
+    def _build_engine(self) -> HPSGDEngine:
+        assert self.model is not None
+        _check_same_model_on_every_rank(self.model)
+        if self._hpsgd_group is None:
+            self._hpsgd_group = dist.new_group(backend=self.process_group_backend, timeout=self._timeout)
+        names, replica, extra = [], [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                names.append(name)
+                replica.append(param)
+            else:
+                extra.append(param)
+        for name, buffer in self.model.named_buffers():
+            if buffer.is_floating_point():
+                names.append(name)
+                replica.append(buffer)
+            else:
+                extra.append(buffer)
+        if not replica:
+            raise ValueError("HPSGD found no trainable parameter or floating-point buffer in the model to average.")
+        return HPSGDEngine(
+            replica,
+            names,
+            group=self._hpsgd_group,
+            sync_every=self.sync_every,
+            merge=self.merge,
+            comm_dtype=self.comm_dtype,
+            broadcast_extra=extra,
+        )
+
+    def _gather_optimizer_states(self) -> dict[str, Any]:
+        local = [to_cpu(_unwrap(opt).state_dict()) for opt in self.optimizers]
+        return {"world_size": self.world_size, "optimizer_states": gather_to_rank0(local)}
+
+    def _abandon(self, exception: BaseException) -> None:
+        if self._engine is None or self._engine.aborted:
+            return
+        self._engine.abandon()
+        rank_zero_warn(
+            f"HPSGD: training stopped with {type(exception).__name__} at optimizer step {self._optimizer_steps}."
+            " Replicas were not flushed (a collective after an error can hang), so local progress since the last"
+            " flush point is not in the global model. Resume from the last checkpoint."
+        )
+
+
+class _FlushFirst(Callback):
+    """Flushes before user callbacks run, since Lightning calls callbacks' hooks before the strategy's.
+
+    Inserted first in ``trainer.callbacks`` during fit, so a user's ``on_train_end`` or ``on_validation_start``
+    sees the flushed model, and marks the engine abandoned before any ``on_exception`` callback (for example
+    ``OnExceptionCheckpoint``) could start a collective.
+    """
+
+    def __init__(self, strategy: HPSGDStrategy) -> None:
+        self._strategy = strategy
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._strategy.flush("validation start")
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._strategy.flush("end of fit")
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._strategy._abandon(exception)
+
+
+def _unwrap(optimizer: Optimizer) -> Optimizer:
+    return optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+
+
+def _reject_wrapped_modules(model: Module) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    for name, module in model.named_modules():
+        if isinstance(module, (DistributedDataParallel, FullyShardedDataParallel)):
+            raise ValueError(
+                f"HPSGD: submodule {name or '(root)'!r} is already wrapped in {type(module).__name__}. HPSGD replaces"
+                " DDP's gradient all-reduce with its own model averaging, so the module must not be wrapped: use the"
+                " plain module and let `strategy='hpsgd'` handle communication."
+            )
+
+
+def _reject_sharded_optimizers(optimizers: list[Optimizer]) -> None:
+    for optimizer in optimizers:
+        optimizer = _unwrap(optimizer)
+        if hasattr(optimizer, "consolidate_state_dict") or type(optimizer).__name__ == "PostLocalSGDOptimizer":
+            raise ValueError(
+                f"HPSGD: optimizer {type(optimizer).__name__} shards or averages state across ranks, but under HPSGD"
+                " each rank's optimizer state is local and must be complete. Use a plain optimizer (for example"
+                " torch.optim.SGD or AdamW)."
+            )
+
+
+def _check_same_model_on_every_rank(model: Module) -> None:
+    """Raise on every rank, naming the first difference, if ranks hold models of different structure."""
+    signature = [(n, tuple(t.shape), str(t.dtype), t.requires_grad) for n, t in model.named_parameters()]
+    signature += [(n, tuple(t.shape), str(t.dtype), False) for n, t in model.named_buffers()]
+    signatures: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(signatures, signature)
+    reference = signatures[0]
+    for rank, other in enumerate(signatures[1:], start=1):
+        if other == reference:
+            continue
+        for i in range(max(len(reference), len(other))):
+            ours = reference[i] if i < len(reference) else None
+            theirs = other[i] if i < len(other) else None
+            if ours != theirs:
+                raise ValueError(
+                    "HPSGD: ranks hold different models, so their parameters cannot be averaged. First difference,"
+                    f" at tensor #{i}: rank 0 has {_describe(ours)}, rank {rank} has {_describe(theirs)}. Build the"
+                    " same model on every rank (same architecture, dtype and frozen parameters)."
+                )
+
+
+def _describe(entry: Optional[tuple]) -> str:
+    if entry is None:
+        return "no tensor"
+    name, shape, dtype, requires_grad = entry
+    return f"{name!r} shape={list(shape)} dtype={dtype} requires_grad={requires_grad}"

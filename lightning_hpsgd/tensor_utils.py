@@ -1,0 +1,94 @@
+"""Flat-buffer helpers for the HPSGD engine: layout, packing and broadcast.
+
+Nothing here knows about a training framework: it works on lists of tensors and a process group, in the manner of
+``torch.distributed.algorithms.model_averaging.utils``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["FlatLayout", "accumulation_dtype", "broadcast_tensors"]
+
+
+def accumulation_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    """The dtype that holds every tensor exactly: never below fp32, never below the widest tensor's dtype.
+
+    Args:
+        tensors: floating-point tensors.
+
+    Returns:
+        ``torch.float64`` if any tensor is fp64, else ``torch.float32``.
+    """
+    dtype = torch.float32
+    for tensor in tensors:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+class FlatLayout:
+    """Where each tensor of a list lives inside one flat buffer.
+
+    Args:
+        tensors: the tensors to lay out, all on one device. Their order is the order in the buffer.
+        dtype: the buffer's dtype.
+    """
+
+    def __init__(self, tensors: Sequence[Tensor], dtype: torch.dtype) -> None:
+        if not tensors:
+            raise ValueError("FlatLayout needs at least one tensor; received an empty list.")
+        devices = {t.device for t in tensors}
+        if len(devices) != 1:
+            raise ValueError(f"All tensors must be on one device to share a flat buffer; found {sorted(map(str, devices))}.")
+        self.device: torch.device = devices.pop()
+        self.dtype = dtype
+        self.shapes = [t.shape for t in tensors]
+        self.numels = [t.numel() for t in tensors]
+        self.offsets: list[int] = []
+        total = 0
+        for n in self.numels:
+            self.offsets.append(total)
+            total += n
+        self.numel = total
+
+    def new_buffer(self, dtype: Optional[torch.dtype] = None, extra: int = 0) -> Tensor:
+        """A zeroed flat buffer of ``numel + extra`` elements on the layout's device."""
+        return torch.zeros(self.numel + extra, dtype=dtype or self.dtype, device=self.device)
+
+    def views(self, buffer: Tensor) -> list[Tensor]:
+        """Views into ``buffer`` shaped like the laid-out tensors (no copy)."""
+        return [buffer[o : o + n].view(s) for o, n, s in zip(self.offsets, self.numels, self.shapes)]
+
+    def index_of(self, flat_index: int) -> int:
+        """The position, in the tensor list, of the tensor that holds element ``flat_index`` of the buffer."""
+        for i in range(len(self.offsets) - 1, -1, -1):
+            if flat_index >= self.offsets[i]:
+                return i
+        raise IndexError(flat_index)
+
+
+def broadcast_tensors(tensors: Sequence[Tensor], src: int, group: Optional[dist.ProcessGroup] = None) -> None:
+    """Overwrite ``tensors`` on every rank with rank ``src``'s values, one flat broadcast per dtype.
+
+    Args:
+        tensors: tensors of any dtype, on one device; modified in place.
+        src: the global rank whose values win.
+        group: the process group (default: the world).
+    """
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    # Iterate in a fixed order so every rank issues the same sequence of broadcasts.
+    for dtype in sorted(by_dtype, key=str):
+        group_tensors = by_dtype[dtype]
+        layout = FlatLayout(group_tensors, dtype)
+        flat = layout.new_buffer()
+        with torch.no_grad():
+            torch._foreach_copy_(layout.views(flat), [t.detach() for t in group_tensors])
+            dist.broadcast(flat, src=src, group=group)
+            torch._foreach_copy_([t.detach() for t in group_tensors], layout.views(flat))

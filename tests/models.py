@@ -1,0 +1,152 @@
+"""Small LightningModules and data used by the tests: deterministic, CPU-sized."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def make_batches(num_batches: int, batch_size: int, seed: int, in_features: int = 6) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A fixed list of (x, y) regression batches: y = x @ w + noise."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(in_features, 2, generator=torch.Generator().manual_seed(1234))
+    batches = []
+    for _ in range(num_batches):
+        x = torch.randn(batch_size, in_features, generator=gen)
+        y = x @ w + 0.1 * torch.randn(batch_size, 2, generator=gen)
+        batches.append((x, y))
+    return batches
+
+
+def loader(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> DataLoader:
+    """A DataLoader that yields exactly ``batches``, in order."""
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    return DataLoader(TensorDataset(x, y), batch_size=batches[0][0].shape[0], shuffle=False)
+
+
+def build_net(hidden: int = 16, batchnorm: bool = False, frozen_first: bool = False, in_features: int = 6) -> nn.Sequential:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(in_features, hidden)]
+    if batchnorm:
+        layers.append(nn.BatchNorm1d(hidden))
+    layers += [nn.Tanh(), nn.Linear(hidden, 2)]
+    net = nn.Sequential(*layers)
+    if frozen_first:
+        net[0].requires_grad_(False)
+    return net
+
+
+class Regressor(L.LightningModule):
+    """An MLP regressor; every option is a feature the strategy must support."""
+
+    def __init__(
+        self,
+        hidden: int = 16,
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        optimizer: str = "sgd",
+        batchnorm: bool = False,
+        frozen_first: bool = False,
+        scheduler: bool = False,
+        manual: bool = False,
+        nan_at_step: Optional[int] = None,
+        nan_rank: int = 1,
+        exit_at_step: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = build_net(hidden, batchnorm, frozen_first)
+        self.automatic_optimization = not manual
+        self.losses: list[float] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _loss(self, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x).float(), y.float())
+
+    def training_step(self, batch: Any, batch_idx: int) -> Optional[torch.Tensor]:
+        hp = self.hparams
+        if hp.exit_at_step is not None and self.global_step == hp.exit_at_step and self.global_rank == 1:
+            import os
+
+            os._exit(17)
+        loss = self._loss(batch)
+        if hp.nan_at_step is not None and self.global_step == hp.nan_at_step and self.global_rank == hp.nan_rank:
+            loss = loss * float("nan")
+        self.losses.append(float(loss))
+        self.log("train_loss", loss)
+        if hp.manual:
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+            if hp.scheduler:
+                self.lr_schedulers().step()
+            return None
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", self._loss(batch), sync_dist=True)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("test_loss", self._loss(batch), sync_dist=True)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self(batch[0])
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        if hp.optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=hp.lr)
+        elif hp.optimizer == "zero":
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            opt = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.SGD, lr=hp.lr)
+        else:
+            opt = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum)
+        if hp.scheduler:
+            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)}
+        return opt
+
+
+class GAN(L.LightningModule):
+    """Two optimizers stepped by hand, GAN-style: every batch takes two optimizer steps."""
+
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        torch.manual_seed(0)
+        self.generator = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 6))
+        self.discriminator = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.lr = lr
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        real, _ = batch
+        opt_g, opt_d = self.optimizers()
+        z = torch.randn(real.shape[0], 4, generator=torch.Generator().manual_seed(batch_idx))
+        bce = nn.functional.binary_cross_entropy_with_logits
+        fake = self.generator(z)
+        g_loss = bce(self.discriminator(fake), torch.ones(real.shape[0], 1))
+        opt_g.zero_grad()
+        self.manual_backward(g_loss)
+        opt_g.step()
+        d_loss = bce(self.discriminator(real), torch.ones(real.shape[0], 1)) + bce(
+            self.discriminator(fake.detach()), torch.zeros(real.shape[0], 1)
+        )
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        opt_d.step()
+
+    def configure_optimizers(self) -> Any:
+        return (
+            torch.optim.SGD(self.generator.parameters(), lr=self.lr, momentum=0.5),
+            torch.optim.SGD(self.discriminator.parameters(), lr=self.lr, momentum=0.5),
+        )

@@ -1,0 +1,83 @@
+"""An independent reference simulation of HPSGD.md: N workers in one process, plain torch, no torch.distributed.
+
+It follows the document's rule line by line on per-worker model copies, so that the real strategy (many processes,
+flat buffers, async all-reduce) can be compared against it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+def _state(model: nn.Module) -> list[Tensor]:
+    """R: trainable parameters and floating-point buffers, in the strategy's order."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    return params + buffers
+
+
+def simulate(
+    model: nn.Module,
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    batches: Sequence[Sequence[tuple[Tensor, Tensor]]],
+    sync_every: int,
+    merge: str,
+    loss_fn: Callable[[nn.Module, tuple[Tensor, Tensor]], Tensor],
+) -> nn.Module:
+    """Train ``len(batches)`` workers from copies of ``model`` with HPSGD; flush at the end.
+
+    Returns:
+        The flushed model (every worker's replica equals it).
+    """
+    workers = [copy.deepcopy(model) for _ in batches]
+    optimizers = [make_optimizer(w) for w in workers]
+    world = len(workers)
+    with torch.no_grad():
+        G = [t.clone() for t in _state(workers[0])]
+        S = [[t.clone() for t in _state(w)] for w in workers]
+    P: list[Tensor] | None = None  # the pending mean
+    steps = len(batches[0])
+    for step in range(1, steps + 1):
+        for w, opt, data in zip(workers, optimizers, batches):
+            opt.zero_grad()
+            loss_fn(w, data[step - 1]).backward()
+            opt.step()
+        if step % sync_every == 0:
+            with torch.no_grad():
+                deltas = [[r - s for r, s in zip(_state(w), S[i])] for i, w in enumerate(workers)]
+                if P is not None:
+                    G = [g + p for g, p in zip(G, P)]
+                for i, w in enumerate(workers):
+                    for r, g, d in zip(_state(w), G, deltas[i]):
+                        r.copy_(g + d if merge == "replica" else g)
+                    S[i] = [r.clone() for r in _state(w)]
+                P = [sum(d[j] for d in deltas) / world for j in range(len(G))]
+    with torch.no_grad():
+        deltas = [[r - s for r, s in zip(_state(w), S[i])] for i, w in enumerate(workers)]
+        if P is not None:
+            G = [g + p for g, p in zip(G, P)]
+        G = [g + sum(d[j] for d in deltas) / world for j, g in enumerate(G)]
+        for w in workers:
+            for r, g in zip(_state(w), G):
+                r.copy_(g)
+    return workers[0]
+
+
+def plain_training(
+    model: nn.Module,
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    batches: Sequence[tuple[Tensor, Tensor]],
+    loss_fn: Callable[[nn.Module, tuple[Tensor, Tensor]], Tensor],
+) -> nn.Module:
+    """Single-process training, no HPSGD at all."""
+    model = copy.deepcopy(model)
+    opt = make_optimizer(model)
+    for batch in batches:
+        opt.zero_grad()
+        loss_fn(model, batch).backward()
+        opt.step()
+    return model

@@ -1,0 +1,74 @@
+"""The engine alone, on real gloo process groups in separate processes (no Lightning)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.launch import run_ranks
+
+
+def assert_conserved(results, atol: float) -> None:
+    """After a flush, R on every rank = start model + mean over ranks of each rank's total local change."""
+    world = len(results)
+    start = results[0].result["initial"]
+    for r in results:
+        for i, final in enumerate(r.result["final"]):
+            expected = start[i].double() + sum(x.result["totals"][i] for x in results) / world
+            torch.testing.assert_close(final.double(), expected, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("merge", ["replica", "stale"])
+@pytest.mark.parametrize("sync_every", [1, 3])
+def test_conservation_after_flush(tmp_path, merge, sync_every):
+    results = run_ranks("engine", tmp_path, {"merge": merge, "sync_every": sync_every, "steps": 7}, world_size=3)
+    assert all("error" not in r.result for r in results)
+    # Setup broadcast rank 0's values (each rank drew different ones) and the integer extra tensor.
+    for r in results[1:]:
+        for a, b in zip(r.result["initial"], results[0].result["initial"]):
+            assert torch.equal(a, b)
+        assert r.result["counter"] == 3
+    assert_conserved(results, atol=1e-6)
+    assert results[0].result["rounds"] == 7 // sync_every + 1
+    assert not any(r.result["pending"] for r in results)
+    # A mixed fp32/fp64 replica keeps G in the widest dtype.
+    assert results[0].result["global_dtype"] == torch.float64
+
+
+def test_replica_keeps_own_progress_visible_and_stale_does_not(tmp_path):
+    """Right after a sync point, merge='replica' gives R = G + Δ (own progress kept), 'stale' gives R = G."""
+    replica = run_ranks("engine", tmp_path / "r", {"merge": "replica", "steps": 2})
+    stale = run_ranks("engine", tmp_path / "s", {"merge": "stale", "steps": 2})
+    for results in (replica, stale):
+        # Ranks differ between flushes (each keeps its own Δ, or each waits for the same average).
+        a, b = (r.result["history"][1][0] for r in results)
+        assert (results is stale) == torch.equal(a, b)
+
+
+def test_bf16_wire_accumulates_in_fp32(tmp_path):
+    results = run_ranks("engine", tmp_path, {"comm_dtype": "bf16", "steps": 5})
+    assert results[0].result["global_dtype"] == torch.float64  # widest replica dtype, never the wire's
+    assert_conserved(results, atol=2e-4)  # bf16 has 8 bits of mantissa: changes of ~0.01 round at ~1e-4
+
+
+def test_bf16_replica_is_conserved_up_to_bf16_rounding(tmp_path):
+    results = run_ranks("engine", tmp_path, {"dtype": "bfloat16", "steps": 6, "sync_every": 2})
+    assert_conserved(results, atol=2e-2)
+
+
+def test_non_finite_delta_raises_on_every_rank_before_the_merge(tmp_path):
+    results = run_ranks("engine", tmp_path, {"nan_at_step": 3, "sync_every": 1, "steps": 6})
+    for r in results:
+        err = r.result["error"]
+        assert err.startswith("NonFiniteUpdateError"), err
+        assert "rank(s) [1]" in err and "optimizer step 3" in err and "'b'" in err
+        # Raised at the merge of that round (step 4), so the global model never saw the NaN.
+        assert torch.isfinite(r.result["global_"]).all()
+        assert len(r.result["history"]) == 3
+
+
+def test_ranks_out_of_step_are_detected(tmp_path):
+    results = run_ranks("engine", tmp_path, {"extra_step_on_rank1": True, "steps": 4})
+    for r in results:
+        assert r.result["error"].startswith("RanksOutOfStepError"), r.result["error"]
+        assert "rank 1: sync point at step 99" in r.result["error"]

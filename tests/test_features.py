@@ -1,0 +1,111 @@
+"""What a user's unchanged module does under the strategy: precisions, optimization styles, layers, evaluation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.launch import run_ranks
+
+BATCHES_PER_RANK = 6
+EPOCHS = 2
+
+
+def fit(tmp_path, **args):
+    base = {"val": True, "after_fit": True, "max_epochs": EPOCHS, "num_batches": BATCHES_PER_RANK}
+    return [r.result for r in run_ranks("fit", tmp_path, {**base, **args})]
+
+
+def assert_flushed_and_trained(results) -> None:
+    """Every rank ends with the same, changed, finite model; evaluation after fit sees that model."""
+    first = results[0]
+    for r in results:
+        assert not r["pending_at_end"]
+        assert r["rounds"] > 0
+        for name, value in r["final"].items():
+            assert torch.equal(value, first["final"][name]), f"{name} differs between ranks after fit"
+            assert torch.equal(r["after_test_params"][name], value), f"{name} changed during test/predict"
+        assert r["test"][0]["test_loss"] == first["test"][0]["test_loss"]
+        assert all(torch.isfinite(p).all() for p in r["predict"])
+    changed = [n for n, v in first["final"].items() if v.is_floating_point() and not torch.equal(v, first["initial"][n])]
+    assert changed, "training did not change the model"
+    for value in first["final"].values():
+        assert torch.isfinite(value.float()).all()
+
+
+@pytest.mark.parametrize(
+    ("precision", "param_dtype", "global_dtype"),
+    [
+        ("32-true", torch.float32, torch.float32),
+        ("64-true", torch.float64, torch.float64),
+        ("bf16-mixed", torch.float32, torch.float32),
+        ("bf16-true", torch.bfloat16, torch.float32),
+    ],
+)
+def test_precisions(tmp_path, precision, param_dtype, global_dtype):
+    results = fit(tmp_path, precision=precision, sync_every=2)
+    assert_flushed_and_trained(results)
+    for r in results:
+        assert set(r["param_dtypes"].values()) == {param_dtype}
+        assert r["global_dtype"] == global_dtype
+    assert results[0]["losses"][-1] < results[0]["losses"][0]
+
+
+def test_16_mixed_on_cpu_runs_as_bf16_mixed(tmp_path):
+    results = fit(tmp_path, precision="16-mixed")
+    assert_flushed_and_trained(results)
+    assert results[0]["precision"] == "bf16-mixed"
+
+
+def test_comm_dtype_bf16(tmp_path):
+    results = fit(tmp_path, comm_dtype="bf16")
+    assert_flushed_and_trained(results)
+    assert results[0]["wire_dtype"] == torch.bfloat16 and results[0]["global_dtype"] == torch.float32
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    results = fit(tmp_path, accumulate=3, sync_every=1, val=False)
+    assert_flushed_and_trained(results)
+    steps = EPOCHS * BATCHES_PER_RANK // 3
+    assert results[0]["global_step"] == steps
+    # One round per optimizer step, plus the final flush.
+    assert results[0]["rounds"] == steps + 1
+
+
+def test_gradient_clipping_and_lr_scheduler(tmp_path):
+    results = fit(tmp_path, clip=0.01, model_args={"scheduler": True, "lr": 0.2})
+    assert_flushed_and_trained(results)
+
+
+def test_manual_optimization_with_scheduler(tmp_path):
+    results = fit(tmp_path, model_args={"manual": True, "scheduler": True}, sync_every=2)
+    assert_flushed_and_trained(results)
+    assert results[0]["global_step"] == EPOCHS * BATCHES_PER_RANK
+
+
+def test_two_optimizers_gan_style(tmp_path):
+    results = [r.result for r in run_ranks("fit", tmp_path, {"model": "gan", "max_epochs": 1, "sync_every": 3})]
+    steps = 2 * BATCHES_PER_RANK  # a generator and a discriminator step per batch
+    for r in results:
+        assert r["global_step"] == steps
+        assert r["rounds"] == steps // 3 + 1
+        for name, value in r["final"].items():
+            assert torch.equal(value, results[0]["final"][name])
+            assert not torch.equal(value, r["initial"][name])
+
+
+def test_batchnorm_buffers_are_averaged(tmp_path):
+    results = fit(tmp_path, model_args={"batchnorm": True})
+    assert_flushed_and_trained(results)
+    final = results[0]["final"]
+    assert not torch.equal(final["net.1.running_mean"], results[0]["initial"]["net.1.running_mean"])
+    # The integer counter stays local but equal on every rank: each rank counted its own batches.
+    assert int(final["net.1.num_batches_tracked"]) == EPOCHS * BATCHES_PER_RANK
+
+
+def test_frozen_parameters_stay_put(tmp_path):
+    results = fit(tmp_path, model_args={"frozen_first": True})
+    assert_flushed_and_trained(results)
+    for r in results:
+        assert torch.equal(r["final"]["net.0.weight"], r["initial"]["net.0.weight"])
+        assert not torch.equal(r["final"]["net.2.weight"], r["initial"]["net.2.weight"])

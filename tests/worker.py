@@ -1,0 +1,200 @@
+"""One rank of a test run (started by :mod:`tests.launch`): ``python -m tests.worker SCENARIO OUTDIR ARGS_JSON``."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+import lightning_hpsgd  # noqa: F401  (registers the strategy names)
+from lightning_hpsgd import HPSGDStrategy
+from tests.models import GAN, Regressor, loader, make_batches
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+class Recorder(Callback):
+    """Records what the tests assert: parameters at start and end of fit, and the engine's counters."""
+
+    def __init__(self) -> None:
+        self.record: dict[str, Any] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.record.setdefault("initial", snapshot(pl_module))
+        self.record["start_step"] = trainer.global_step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.record["final"] = snapshot(pl_module)
+        self.record["global_step"] = trainer.global_step
+        engine = trainer.strategy.engine
+        self.record["rounds"] = engine.stats.rounds
+        self.record["flushes"] = engine.stats.flushes
+        self.record["pending_at_end"] = engine.pending is not None
+        self.record["global_dtype"] = engine.global_.dtype
+        self.record["wire_dtype"] = engine._wire.dtype
+        self.record["param_dtypes"] = {n: p.dtype for n, p in pl_module.named_parameters()}
+
+
+def env_rank() -> int:
+    """The global rank that tests.launch assigned through Lightning's plain environment variables."""
+    devices = int(os.environ.get("HPSGD_TEST_DEVICES", 1))
+    return int(os.environ.get("NODE_RANK", 0)) * devices + int(os.environ.get("LOCAL_RANK", 0))
+
+
+def build_trainer(args: dict[str, Any], outdir: Path, callbacks: list[Callback]) -> L.Trainer:
+    strategy = HPSGDStrategy(
+        sync_every=args.get("sync_every", 1),
+        merge=args.get("merge", "replica"),
+        comm_dtype=args.get("comm_dtype"),
+        timeout=timedelta(seconds=args.get("timeout_s", 60)),
+    )
+    ckpt = args.get("checkpoint")
+    if ckpt:
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=outdir / ckpt.get("dir", "ckpt"),
+                filename="{epoch}-{step}",
+                save_top_k=-1,
+                every_n_epochs=ckpt.get("every_n_epochs"),
+                every_n_train_steps=ckpt.get("every_n_train_steps"),
+                save_on_train_epoch_end=True,
+            )
+        )
+    return L.Trainer(
+        accelerator="cpu",
+        devices=int(os.environ.get("HPSGD_TEST_DEVICES", 1)),
+        num_nodes=int(os.environ.get("HPSGD_TEST_NODES", 1)),
+        strategy=args.get("strategy", strategy),
+        precision=args.get("precision", "32-true"),
+        max_epochs=args.get("max_epochs", 1),
+        max_steps=args.get("max_steps", -1),
+        accumulate_grad_batches=args.get("accumulate", 1),
+        gradient_clip_val=args.get("clip"),
+        use_distributed_sampler=not args.get("per_rank_data", False),
+        limit_val_batches=args.get("limit_val_batches", 1.0),
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=bool(ckpt),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        deterministic=True,
+    )
+
+
+def train_data(args: dict[str, Any], rank: int, world_size: int):
+    n, bs = args.get("num_batches", 6), args.get("batch_size", 8)
+    if args.get("per_rank_data"):
+        seed = 100 if args.get("same_data") else 100 + rank
+        return loader(make_batches(n, bs, seed))
+    return loader(make_batches(n * world_size, bs, seed=7))
+
+
+def scenario_fit(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
+    rank, world_size = env_rank(), int(os.environ.get("WORLD_SIZE", 1))
+    if args.get("model") == "gan":
+        module: L.LightningModule = GAN()
+    else:
+        model_args = dict(args.get("model_args", {}))
+        if "hidden_on_rank1" in args and rank == 1:
+            model_args["hidden"] = args["hidden_on_rank1"]
+        module = Regressor(**model_args)
+    if args.get("wrap_ddp"):
+        module.setup = lambda stage: setattr(  # type: ignore[method-assign]
+            module, "net", torch.nn.parallel.DistributedDataParallel(module.net)
+        )
+    recorder = Recorder()
+    trainer = build_trainer(args, outdir, [recorder])
+    val = loader(make_batches(2, 8, seed=99)) if args.get("val") else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, train_data(args, rank, world_size), val, ckpt_path=args.get("resume_from"))
+    out = dict(recorder.record)
+    out["warnings"] = [str(w.message) for w in caught]
+    out["rank"] = trainer.global_rank
+    out["world_size"] = trainer.world_size
+    out["precision"] = trainer.precision
+    out["losses"] = getattr(module, "losses", [])
+    out["callback_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if args.get("after_fit"):
+        test_data = loader(make_batches(2, 8, seed=98))
+        out["test"] = trainer.test(module, test_data, verbose=False)
+        out["predict"] = trainer.predict(module, loader(make_batches(1, 4, seed=97)))
+        out["after_test_params"] = snapshot(module)
+    return out
+
+
+def scenario_engine(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
+    """The engine alone on a gloo group: known per-rank changes applied between sync points (no framework)."""
+    import torch.distributed as dist
+
+    from lightning_hpsgd import HPSGDEngine
+
+    dist.init_process_group(
+        "gloo",
+        rank=env_rank(),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        timeout=timedelta(seconds=args.get("timeout_s", 60)),
+    )
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(1000 + rank)  # different on purpose: setup must broadcast rank 0's values
+    dtype = getattr(torch, args.get("dtype", "float32"))
+    replica = [torch.randn(5, 3, dtype=dtype), torch.randn(7, dtype=dtype), torch.randn(2, dtype=torch.float64)]
+    counter = torch.tensor([3], dtype=torch.int64)
+    engine = HPSGDEngine(
+        replica,
+        ["w", "b", "fp64_buffer"],
+        group=dist.new_group(),
+        sync_every=args.get("sync_every", 1),
+        merge=args.get("merge", "replica"),
+        comm_dtype=args.get("comm_dtype"),
+        broadcast_extra=[counter],
+    )
+    out: dict[str, Any] = {"rank": rank, "initial": [t.clone() for t in replica], "counter": int(counter)}
+    totals = [torch.zeros_like(t, dtype=torch.float64) for t in replica]
+    gen = torch.Generator().manual_seed(rank)
+    history = []
+    step = 0
+    try:
+        for step in range(1, args.get("steps", 7) + 1):
+            for t, total in zip(replica, totals):
+                change = torch.randn(t.shape, generator=gen, dtype=torch.float64) * 0.01
+                if args.get("nan_at_step") == step and rank == 1 and t is replica[1]:
+                    change[2] = float("nan")
+                before = t.double().clone()
+                t.add_(change.to(t.dtype))
+                total.add_(t.double() - before)  # what the rank really changed, after its own rounding
+            if args.get("extra_step_on_rank1") and rank == 1 and step == 2:
+                engine.on_optimizer_step(99)
+            engine.on_optimizer_step(step)
+            history.append([t.clone() for t in replica])
+        engine.flush(step)
+    except Exception as err:  # the test asserts the message; every rank must raise the same error
+        out["error"] = f"{type(err).__name__}: {err}"
+    out.update(final=[t.clone() for t in replica], totals=totals, history=history, global_=engine.global_.clone(),
+               rounds=engine.stats.rounds, pending=engine.pending is not None, global_dtype=engine.global_.dtype)
+    return out
+
+
+SCENARIOS = {"fit": scenario_fit, "engine": scenario_engine}
+
+
+def main() -> None:
+    scenario, outdir, args = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+    torch.set_num_threads(1)
+    result = SCENARIOS[scenario](outdir, args)
+    torch.save(result, outdir / f"rank{result['rank']}.pt")
+
+
+if __name__ == "__main__":
+    main()
