@@ -105,6 +105,7 @@ class HPSGDStrategy(DDPStrategy):
         self._hpsgd_group: Optional[dist.ProcessGroup] = None
         self._flush_callback: Optional[_FlushFirst] = None
         self._optimizer_steps = 0
+        self._trainable: tuple[bool, ...] = ()
 
     @property
     def engine(self) -> Optional[HPSGDEngine]:
@@ -141,6 +142,13 @@ class HPSGDStrategy(DDPStrategy):
         trainer = self.lightning_module.trainer
         self._optimizer_steps = trainer.global_step
         log.debug(f"{self.__class__.__name__}: training starts at optimizer step {self._optimizer_steps}")
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Runs after users' hooks, so it sees a freeze or unfreeze (e.g. BackboneFinetuning) before the batch trains.
+        if self._engine is not None and self._trainable != _trainable_flags(self.model):
+            self.flush("trainable parameters changed")
+            self._engine = self._build_engine()
 
     @override
     def optimizer_step(
@@ -262,6 +270,7 @@ class HPSGDStrategy(DDPStrategy):
                 extra.append(buffer)
         if not replica:
             raise ValueError("HPSGD found no trainable parameter or floating-point buffer in the model to average.")
+        self._trainable = _trainable_flags(self.model)
         return HPSGDEngine(
             replica,
             names,
@@ -309,6 +318,10 @@ class _FlushFirst(Callback):
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._strategy._abandon(exception)
+
+
+def _trainable_flags(model: Module) -> tuple[bool, ...]:
+    return tuple(p.requires_grad for p in model.parameters())
 
 
 def _unwrap(optimizer: Optimizer) -> Optimizer:

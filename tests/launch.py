@@ -44,6 +44,7 @@ class RankResult:
     stdout: str
     stderr: str
     result: Optional[dict[str, Any]]
+    seconds: Optional[float]  # from launch to exit; None if it was killed at the timeout
 
 
 def run_ranks(
@@ -55,8 +56,11 @@ def run_ranks(
     timeout: float = 180.0,
     check: bool = True,
     extra_env: Optional[dict[str, str]] = None,
+    stop_after_rank: Optional[int] = None,
 ) -> list[RankResult]:
     """Run ``scenario`` on ``world_size`` ranks spread over ``num_nodes`` simulated nodes; wait for all of them.
+
+    If ``stop_after_rank`` is given, the other ranks are killed as soon as that rank has exited.
 
     Raises:
         AssertionError: if ``check`` and any rank exited non-zero (with that rank's stderr).
@@ -81,25 +85,30 @@ def run_ranks(
         err = open(outdir / f"rank{rank}.err", "w")
         cmd = [sys.executable, "-m", "tests.worker", scenario, str(outdir), json.dumps(args or {})]
         procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err), out, err))
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    finished: dict[int, float] = {}
+    while len(finished) < len(procs) and time.monotonic() - started < timeout:
+        for rank, (proc, _, _) in enumerate(procs):
+            if rank not in finished and proc.poll() is not None:
+                finished[rank] = time.monotonic() - started
+        if stop_after_rank is not None and stop_after_rank in finished:
+            break
+        time.sleep(0.05)
     results = []
     for rank, (proc, out, err) in enumerate(procs):
-        try:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for p, _, _ in procs:
-                p.kill()
+        if proc.poll() is None:
+            proc.kill()
             proc.wait()
         out.close()
         err.close()
-        results.append(collect(rank, proc.returncode, outdir))
+        results.append(collect(rank, proc.returncode, outdir, finished.get(rank)))
     if check:
         for r in results:
             assert r.returncode == 0, f"rank {r.rank} exited with {r.returncode}:\n{r.stderr[-4000:]}"
     return results
 
 
-def collect(rank: int, returncode: int, outdir: Path) -> RankResult:
+def collect(rank: int, returncode: int, outdir: Path, seconds: Optional[float]) -> RankResult:
     path = outdir / f"rank{rank}.pt"
     result = torch.load(path, weights_only=False) if path.exists() else None
     return RankResult(
@@ -108,4 +117,5 @@ def collect(rank: int, returncode: int, outdir: Path) -> RankResult:
         stdout=(outdir / f"rank{rank}.out").read_text() if (outdir / f"rank{rank}.out").exists() else "",
         stderr=(outdir / f"rank{rank}.err").read_text() if (outdir / f"rank{rank}.err").exists() else "",
         result=result,
+        seconds=seconds,
     )

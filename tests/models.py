@@ -57,6 +57,8 @@ class Regressor(L.LightningModule):
         nan_at_step: Optional[int] = None,
         nan_rank: int = 1,
         exit_at_step: Optional[int] = None,
+        hang_at_step: Optional[int] = None,
+        unfreeze_at_epoch: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -66,6 +68,12 @@ class Regressor(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def on_train_epoch_start(self) -> None:
+        # Fine-tuning style: the frozen first layer joins training, with its own param group.
+        if self.hparams.unfreeze_at_epoch == self.current_epoch:
+            self.net[0].requires_grad_(True)
+            self.optimizers().optimizer.add_param_group({"params": list(self.net[0].parameters())})
 
     def _loss(self, batch: Any) -> torch.Tensor:
         x, y = batch
@@ -77,6 +85,10 @@ class Regressor(L.LightningModule):
             import os
 
             os._exit(17)
+        if hp.hang_at_step is not None and self.global_step == hp.hang_at_step and self.global_rank == 1:
+            import time
+
+            time.sleep(3600)
         loss = self._loss(batch)
         if hp.nan_at_step is not None and self.global_step == hp.nan_at_step and self.global_rank == hp.nan_rank:
             loss = loss * float("nan")

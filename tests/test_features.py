@@ -109,3 +109,9 @@ def test_frozen_parameters_stay_put(tmp_path):
     for r in results:
         assert torch.equal(r["final"]["net.0.weight"], r["initial"]["net.0.weight"])
         assert not torch.equal(r["final"]["net.2.weight"], r["initial"]["net.2.weight"])
+
+
+def test_unfreezing_during_fit_brings_the_layer_into_the_average(tmp_path):
+    results = fit(tmp_path, model_args={"frozen_first": True, "unfreeze_at_epoch": 1})
+    assert_flushed_and_trained(results)  # ranks saw different data: without averaging, net.0 would differ
+    assert not torch.equal(results[0]["final"]["net.0.weight"], results[0]["initial"]["net.0.weight"])

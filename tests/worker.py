@@ -57,6 +57,7 @@ def build_trainer(args: dict[str, Any], outdir: Path, callbacks: list[Callback])
         merge=args.get("merge", "replica"),
         comm_dtype=args.get("comm_dtype"),
         timeout=timedelta(seconds=args.get("timeout_s", 60)),
+        process_group_backend=args.get("backend"),
     )
     ckpt = args.get("checkpoint")
     if ckpt:
@@ -71,7 +72,7 @@ def build_trainer(args: dict[str, Any], outdir: Path, callbacks: list[Callback])
             )
         )
     return L.Trainer(
-        accelerator="cpu",
+        accelerator=args.get("accelerator", "cpu"),
         devices=int(os.environ.get("HPSGD_TEST_DEVICES", 1)),
         num_nodes=int(os.environ.get("HPSGD_TEST_NODES", 1)),
         strategy=args.get("strategy", strategy),

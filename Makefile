@@ -1,0 +1,30 @@
+# lightning-hpsgd: every install step lives here, so CI and users get the same environment.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is pinned to the release whose wheels this machine already holds; a different one downloads several GB.
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+PYTEST_WORKERS ?= 2
+
+.PHONY: install test demo bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[test]' $(TORCH_PIN)
+	touch $@
+
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --durations=10 tests
+
+demo: $(VENV)/.installed
+	$(PY) recipes/quickstart.py
+
+bench: $(VENV)/.installed
+	$(PY) -m lightning_hpsgd.bench overlap
+
+clean:
+	rm -rf $(VENV) .pytest_cache lightning_logs *.egg-info

@@ -1,0 +1,67 @@
+"""Checkpoints hold the flushed model and every rank's optimizer state; resuming continues the run."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.launch import run_ranks
+
+BASE = {"val": True, "max_epochs": 3, "num_batches": 6, "sync_every": 2}
+
+
+def test_epoch_end_checkpoint_resumes_exactly(tmp_path):
+    first = run_ranks("fit", tmp_path / "a", {**BASE, "checkpoint": {"every_n_epochs": 1}})
+    ckpts = sorted((tmp_path / "a" / "ckpt").glob("*.ckpt"))
+    assert [c.name for c in ckpts] == ["epoch=0-step=6.ckpt", "epoch=1-step=12.ckpt", "epoch=2-step=18.ckpt"]
+
+    ckpt = torch.load(ckpts[0], weights_only=False)
+    per_rank = ckpt["hpsgd"]["optimizer_states"]
+    assert ckpt["hpsgd"]["world_size"] == 2 and len(per_rank) == 2
+    momentum = [s[0]["state"][0]["momentum_buffer"] for s in per_rank]
+    assert not torch.equal(momentum[0], momentum[1]), "ranks saw different data, so momentum must differ"
+    assert torch.equal(ckpt["optimizer_states"][0]["state"][0]["momentum_buffer"], momentum[0])
+
+    last = torch.load(ckpts[-1], weights_only=False)
+    for name, value in first[0].result["final"].items():
+        assert torch.equal(last["state_dict"][name], value), f"checkpoint {name} is not the flushed model"
+
+    resumed = run_ranks(
+        "fit", tmp_path / "b", {**BASE, "checkpoint": {"every_n_epochs": 1, "dir": "ckpt_b"}, "resume_from": str(ckpts[0])}
+    )
+    for a, b in zip(first, resumed):
+        assert b.result["start_step"] == 6
+        for name, value in a.result["final"].items():
+            assert torch.equal(b.result["final"][name], value), f"{name} differs after resume"
+
+
+def test_mid_epoch_checkpoint_resume(tmp_path):
+    """Lightning restarts a plain DataLoader's epoch from its first batch, so a mid-epoch resume is not exact.
+
+    What holds: the resumed run starts at the saved step, from the saved model and per-rank optimizer state,
+    ends at the same global step, and its model is flushed and close to the uninterrupted one.
+    """
+    args = {**BASE, "val": False, "max_epochs": 2, "checkpoint": {"every_n_train_steps": 4}}
+    first = run_ranks("fit", tmp_path / "a", args)
+    ckpt = tmp_path / "a" / "ckpt" / "epoch=0-step=4.ckpt"
+    assert ckpt.exists(), sorted(p.name for p in (tmp_path / "a" / "ckpt").iterdir())
+    resumed = run_ranks("fit", tmp_path / "b", {**args, "checkpoint": {"every_n_train_steps": 4, "dir": "c"},
+                                                "resume_from": str(ckpt)})
+    saved = torch.load(ckpt, weights_only=False)["state_dict"]
+    for a, b in zip(first, resumed):
+        assert b.result["start_step"] == 4
+        assert b.result["global_step"] == a.result["global_step"]
+        for name, value in saved.items():
+            assert torch.equal(b.result["initial"][name], value)
+        for name, value in b.result["final"].items():
+            assert torch.equal(value, resumed[0].result["final"][name])
+            torch.testing.assert_close(value, a.result["final"][name], atol=0.1, rtol=0.1)
+
+
+def test_resume_on_a_different_number_of_workers(tmp_path):
+    run_ranks("fit", tmp_path / "a", {**BASE, "max_epochs": 1, "checkpoint": {"every_n_epochs": 1}})
+    ckpt = tmp_path / "a" / "ckpt" / "epoch=0-step=6.ckpt"
+    (single,) = run_ranks("fit", tmp_path / "b", {**BASE, "max_epochs": 2, "resume_from": str(ckpt)}, world_size=1)
+    assert single.result["start_step"] == 6 and single.result["global_step"] == 12
+    assert any("written by 2 ranks and is resumed on 1" in w for w in single.result["warnings"]), single.stderr
+    triple = run_ranks("fit", tmp_path / "c", {**BASE, "max_epochs": 2, "resume_from": str(ckpt)}, world_size=3)
+    assert any("resumed on 3" in w for w in triple[0].result["warnings"])

@@ -1,0 +1,68 @@
+"""Bad configurations and faults end with a clear error on every rank, never a hang or silent damage."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.launch import run_ranks
+
+
+def failing_ranks(tmp_path, args, **kwargs):
+    results = run_ranks("fit", tmp_path, {"num_batches": 6, **args}, check=False, **kwargs)
+    for r in results:
+        assert r.returncode != 0, f"rank {r.rank} should have failed:\n{r.stderr[-2000:]}"
+    return results
+
+
+def test_models_that_differ_across_ranks_fail_at_setup(tmp_path):
+    for r in failing_ranks(tmp_path, {"hidden_on_rank1": 8}):
+        assert "HPSGD: ranks hold different models" in r.stderr
+        assert "rank 0 has 'net.0.weight' shape=[16, 6]" in r.stderr and "rank 1 has 'net.0.weight' shape=[8, 6]" in r.stderr
+
+
+def test_non_finite_update_stops_every_rank_with_step_and_parameter(tmp_path):
+    # global_step == 2 inside training_step is the third optimizer step.
+    for r in failing_ranks(tmp_path, {"model_args": {"nan_at_step": 2}}):
+        assert "NonFiniteUpdateError" in r.stderr
+        assert "from rank(s) [1] in the round that ended at optimizer step 3, first in parameter 'net.0.weight'" in r.stderr
+
+
+def test_ddp_wrapped_module_is_rejected(tmp_path):
+    for r in failing_ranks(tmp_path, {"wrap_ddp": True}):
+        assert "submodule 'net' is already wrapped in DistributedDataParallel" in r.stderr
+
+
+def test_sharded_optimizer_is_rejected(tmp_path):
+    for r in failing_ranks(tmp_path, {"model_args": {"optimizer": "zero"}}):
+        assert "optimizer ZeroRedundancyOptimizer shards or averages state" in r.stderr
+
+
+@pytest.mark.parametrize("sync_every", [1, 4])
+def test_dead_peer_makes_survivors_exit_within_timeout(tmp_path, sync_every):
+    timeout_s = 20
+    started = time.monotonic()
+    results = failing_ranks(
+        tmp_path, {"model_args": {"exit_at_step": 3}, "timeout_s": timeout_s, "sync_every": sync_every, "max_epochs": 3}
+    )
+    elapsed = time.monotonic() - started
+    assert results[1].returncode == 17  # the rank that died
+    survivor = results[0].stderr
+    assert "HPSGDCommunicationError" in survivor and "failed on rank 0" in survivor, survivor[-3000:]
+    # Process start-up and imports take a few seconds on top of the collective timeout.
+    assert elapsed < timeout_s + 30
+
+
+def test_hung_peer_makes_survivors_exit_within_timeout(tmp_path):
+    timeout_s = 10
+    results = run_ranks(
+        "fit", tmp_path, {"num_batches": 6, "model_args": {"hang_at_step": 2}, "timeout_s": timeout_s}, check=False,
+        timeout=90, stop_after_rank=0,
+    )
+    survivor = results[0]
+    assert survivor.returncode != 0 and survivor.seconds is not None
+    assert "HPSGDCommunicationError" in survivor.stderr, survivor.stderr[-3000:]
+    # Start-up (imports, process group) takes a few seconds before training reaches the hang.
+    assert survivor.seconds < timeout_s + 30, survivor.seconds
+    assert results[1].seconds is None  # still asleep, killed by the test

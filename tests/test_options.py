@@ -1,0 +1,102 @@
+"""Configuration: names in Lightning's registry, constructor validation, and LightningCLI YAML."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import StrategyRegistry
+
+from lightning_hpsgd import HPSGDStrategy
+from tests.models import Regressor
+
+
+@pytest.mark.parametrize(
+    ("name", "start_method", "merge"),
+    [
+        ("hpsgd", "popen", "replica"),
+        ("hpsgd_spawn", "spawn", "replica"),
+        ("hpsgd_fork", "fork", "replica"),
+        ("hpsgd_notebook", "fork", "replica"),
+        ("hpsgd_stale", "popen", "stale"),
+    ],
+)
+def test_registered_names_build_the_strategy(name, start_method, merge):
+    trainer = L.Trainer(strategy=name, accelerator="cpu", devices=2, logger=False)
+    strategy = trainer.strategy
+    assert isinstance(strategy, HPSGDStrategy)
+    assert (strategy._start_method, strategy.merge, strategy.sync_every) == (start_method, merge, 1)
+    assert strategy.comm_dtype is None
+
+
+def test_registering_twice_is_harmless():
+    before = {k: dict(StrategyRegistry[k]["init_params"]) for k in StrategyRegistry if k.startswith("hpsgd")}
+    HPSGDStrategy.register_strategies(StrategyRegistry)  # what a second import does
+    after = {k: dict(StrategyRegistry[k]["init_params"]) for k in StrategyRegistry if k.startswith("hpsgd")}
+    assert after == before and len(after) == 5
+    assert isinstance(L.Trainer(strategy="hpsgd", accelerator="cpu", devices=2, logger=False).strategy, HPSGDStrategy)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sync_every": 0}, "sync_every must be an integer >= 1"),
+        ({"sync_every": 2.5}, "sync_every must be an integer >= 1"),
+        ({"sync_every": True}, "sync_every must be an integer >= 1"),
+        ({"merge": "average"}, "merge must be one of ['replica', 'stale']; received 'average'"),
+        ({"comm_dtype": "int8"}, "comm_dtype must be None (full precision), torch.bfloat16 or torch.float16"),
+        ({"comm_dtype": torch.float64}, "received torch.float64"),
+        ({"start_method": "thread"}, "start_method must be one of ['popen', 'spawn', 'fork', 'forkserver']"),
+        ({"timeout": -1}, "timeout must be a positive timedelta or number of seconds"),
+    ],
+)
+def test_invalid_arguments_name_the_accepted_values(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        HPSGDStrategy(**kwargs)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(("value", "dtype"), [("bf16", torch.bfloat16), ("torch.float16", torch.float16),
+                                              (torch.bfloat16, torch.bfloat16), (None, None)])
+def test_comm_dtype_spellings(value, dtype):
+    assert HPSGDStrategy(comm_dtype=value).comm_dtype == dtype
+
+
+def test_timeout_in_seconds():
+    assert HPSGDStrategy(timeout=90)._timeout == timedelta(seconds=90)
+
+
+def test_lightning_cli_yaml(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        """
+trainer:
+  accelerator: cpu
+  devices: 2
+  logger: false
+  strategy:
+    class_path: lightning_hpsgd.HPSGDStrategy
+    init_args:
+      sync_every: 4
+      merge: stale
+      comm_dtype: bf16
+      timeout: 120
+model:
+  hidden: 8
+"""
+    )
+    cli = LightningCLI(Regressor, run=False, args=["--config", str(config)])
+    strategy = cli.trainer.strategy
+    assert isinstance(strategy, HPSGDStrategy)
+    assert (strategy.sync_every, strategy.merge, strategy.comm_dtype) == (4, "stale", torch.bfloat16)
+    assert strategy._timeout == timedelta(seconds=120)
+    assert cli.model.hparams.hidden == 8
+
+
+def test_lightning_cli_strategy_by_name():
+    cli = LightningCLI(Regressor, run=False, args=["--trainer.strategy=hpsgd_stale", "--trainer.accelerator=cpu",
+                                                   "--trainer.devices=2", "--trainer.logger=false"])
+    assert isinstance(cli.trainer.strategy, HPSGDStrategy) and cli.trainer.strategy.merge == "stale"
