@@ -196,6 +196,7 @@ class HPSGDEngine:
         self._meta = torch.zeros(2 * self.world_size, dtype=torch.int64, device=self.device)
         self._comm_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
         self.pending: Optional[_Pending] = None
+        self._abandoned: Optional[_Pending] = None
         self.steps_since_flush = 0
         self.aborted = False
         self.stats = EngineStats(bytes_per_round=self._wire.numel() * self._wire.element_size())
@@ -269,6 +270,8 @@ class HPSGDEngine:
         """
         if self.pending is not None:
             log.debug("HPSGDEngine: abandoning the all-reduce of step %d", self.pending.step)
+            # Keep the work (and through it the buffers) alive: the backend may still be writing into them.
+            self._abandoned = self.pending
         self.pending = None
         self.aborted = True
 
@@ -284,11 +287,6 @@ class HPSGDEngine:
             torch._foreach_copy_(self._start_views, self.replica)
 
     def _launch(self, step: int, is_flush: bool) -> None:
-        stream_ctx = nullcontext()
-        if self._comm_stream is not None:
-            # The wire buffer is written on the compute stream; the all-reduce runs on the side stream after it.
-            self._comm_stream.wait_stream(torch.cuda.current_stream(self.device))
-            stream_ctx = torch.cuda.stream(self._comm_stream)
         if self.compressed:
             self._wire.copy_(self._delta)
         else:
@@ -299,6 +297,12 @@ class HPSGDEngine:
         self._meta[self.world_size + self.rank] = torch.logical_not(
             torch.isfinite(self._wire.sum(dtype=self.layout.dtype))
         )
+        stream_ctx = nullcontext()
+        if self._comm_stream is not None:
+            # Wire and side channel were written on the compute stream: the side stream starts after that work,
+            # and the compute stream goes on with the next steps while the all-reduce runs.
+            self._comm_stream.wait_stream(torch.cuda.current_stream(self.device))
+            stream_ctx = torch.cuda.stream(self._comm_stream)
         with stream_ctx:
             works = (
                 dist.all_reduce(self._wire, group=self.group, async_op=True),

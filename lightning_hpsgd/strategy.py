@@ -121,6 +121,10 @@ class HPSGDStrategy(DDPStrategy):
         assert self.model is not None
         fitting = trainer.state.fn == TrainerFn.FITTING
         if fitting and self._layer_sync:
+            rank_zero_warn(
+                "HPSGD: sync_batchnorm=True makes every forward pass wait for the other ranks, which HPSGD cannot"
+                " hide behind compute. BatchNorm statistics are averaged at every sync point without it."
+            )
             self.model = self._layer_sync.apply(self.model)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()

@@ -93,7 +93,8 @@ class Regressor(L.LightningModule):
         if hp.nan_at_step is not None and self.global_step == hp.nan_at_step and self.global_rank == hp.nan_rank:
             loss = loss * float("nan")
         self.losses.append(float(loss))
-        self.log("train_loss", loss)
+        # sync_dist runs a collective on the default group while an HPSGD round is in flight on its own group.
+        self.log("train_loss", loss, sync_dist=True)
         if hp.manual:
             opt = self.optimizers()
             opt.zero_grad()
