@@ -46,6 +46,12 @@ def test_mid_epoch_checkpoint_resume(tmp_path):
     assert ckpt.exists(), sorted(p.name for p in (tmp_path / "a" / "ckpt").iterdir())
     resumed = run_ranks("fit", tmp_path / "b", {**args, "checkpoint": {"every_n_train_steps": 4, "dir": "c"},
                                                 "resume_from": str(ckpt)})
+    # Every checkpoint holds the flushed model: all ranks hold exactly what was written.
+    for step in (4, 8, 12):
+        written = torch.load(next((tmp_path / "a" / "ckpt").glob(f"*step={step}.ckpt")), weights_only=False)
+        for r in first:
+            for name, value in r.result["at_checkpoint"][step].items():
+                assert torch.equal(value, written["state_dict"][name]), f"rank {r.rank} {name} at step {step}"
     saved = torch.load(ckpt, weights_only=False)["state_dict"]
     for a, b in zip(first, resumed):
         assert b.result["start_step"] == 4

@@ -27,6 +27,10 @@ def assert_flushed_and_trained(results) -> None:
             assert torch.equal(r["after_test_params"][name], value), f"{name} changed during test/predict"
         assert r["test"][0]["test_loss"] == first["test"][0]["test_loss"]
         assert all(torch.isfinite(p).all() for p in r["predict"])
+        # Users' validation hooks already see the flushed model.
+        for mine, theirs in zip(r.get("at_validation", []), first.get("at_validation", [])):
+            for name, value in mine.items():
+                assert torch.equal(value, theirs[name]), f"{name} differs between ranks at validation start"
     changed = [n for n, v in first["final"].items() if v.is_floating_point() and not torch.equal(v, first["initial"][n])]
     assert changed, "training did not change the model"
     for value in first["final"].values():
@@ -45,6 +49,7 @@ def assert_flushed_and_trained(results) -> None:
 def test_precisions(tmp_path, precision, param_dtype, global_dtype):
     results = fit(tmp_path, precision=precision, sync_every=2)
     assert_flushed_and_trained(results)
+    assert len(results[0]["at_validation"]) == EPOCHS
     for r in results:
         assert set(r["param_dtypes"].values()) == {param_dtype}
         assert r["global_dtype"] == global_dtype

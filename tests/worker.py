@@ -33,6 +33,13 @@ class Recorder(Callback):
         self.record.setdefault("initial", snapshot(pl_module))
         self.record["start_step"] = trainer.global_step
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            self.record.setdefault("at_validation", []).append(snapshot(pl_module))
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self.record.setdefault("at_checkpoint", {})[trainer.global_step] = snapshot(pl_module)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.record["final"] = snapshot(pl_module)
         self.record["global_step"] = trainer.global_step
