@@ -7,6 +7,7 @@ teardown → flush. The maths lives in :mod:`lightning_hpsgd.engine`.
 from __future__ import annotations
 
 import logging
+import warnings
 from datetime import timedelta
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -293,10 +294,13 @@ class HPSGDStrategy(DDPStrategy):
         if self._engine is None or self._engine.aborted:
             return
         self._engine.abandon()
-        rank_zero_warn(
-            f"HPSGD: training stopped with {type(exception).__name__} at optimizer step {self._optimizer_steps}."
+        # Every rank speaks here: the exception may have hit any one of them.
+        warnings.warn(
+            f"HPSGD (rank {self.global_rank}): training stopped with {type(exception).__name__} at optimizer step"
+            f" {self._optimizer_steps}."
             " Replicas were not flushed (a collective after an error can hang), so local progress since the last"
-            " flush point is not in the global model. Resume from the last checkpoint."
+            " flush point is not in the global model. Resume from the last checkpoint.",
+            stacklevel=2,
         )
 
 

@@ -59,6 +59,7 @@ class Regressor(L.LightningModule):
         exit_at_step: Optional[int] = None,
         hang_at_step: Optional[int] = None,
         unfreeze_at_epoch: Optional[int] = None,
+        raise_at_step: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -85,6 +86,8 @@ class Regressor(L.LightningModule):
             import os
 
             os._exit(17)
+        if hp.raise_at_step is not None and self.global_step == hp.raise_at_step and self.global_rank == 1:
+            raise RuntimeError("a bug in the user's training_step, on rank 1 only")
         if hp.hang_at_step is not None and self.global_step == hp.hang_at_step and self.global_rank == 1:
             import time
 
@@ -92,7 +95,7 @@ class Regressor(L.LightningModule):
         loss = self._loss(batch)
         if hp.nan_at_step is not None and self.global_step == hp.nan_at_step and self.global_rank == hp.nan_rank:
             loss = loss * float("nan")
-        self.losses.append(float(loss))
+        self.losses.append(float(loss.detach()))
         # sync_dist runs a collective on the default group while an HPSGD round is in flight on its own group.
         self.log("train_loss", loss, sync_dist=True)
         if hp.manual:

@@ -66,3 +66,15 @@ def test_hung_peer_makes_survivors_exit_within_timeout(tmp_path):
     # Start-up (imports, process group) takes a few seconds before training reaches the hang.
     assert survivor.seconds < timeout_s + 30, survivor.seconds
     assert results[1].seconds is None  # still asleep, killed by the test
+
+
+def test_exception_on_one_rank_ends_every_rank_without_a_collective(tmp_path):
+    """No flush after an exception (it could pair with another rank's round); survivors fail fast, not at timeout."""
+    results = failing_ranks(tmp_path, {"model_args": {"raise_at_step": 3}, "timeout_s": 60, "max_epochs": 3})
+    raiser, survivor = results[1], results[0]
+    assert "a bug in the user's training_step, on rank 1 only" in raiser.stderr
+    assert "HPSGD (rank 1): training stopped with RuntimeError at optimizer step 3" in raiser.stderr
+    # The survivor fails in whichever collective meets the closed connection first: an HPSGD round, or the
+    # `self.log(..., sync_dist=True)` all-reduce of the next step.
+    assert "HPSGDCommunicationError" in survivor.stderr or "Connection closed by peer" in survivor.stderr
+    assert survivor.seconds is not None and survivor.seconds < 40  # well inside the 60 s timeout

@@ -126,7 +126,11 @@ def scenario_fit(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
     val = loader(make_batches(2, 8, seed=99)) if args.get("val") else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(module, train_data(args, rank, world_size), val, ckpt_path=args.get("resume_from"))
+        try:
+            trainer.fit(module, train_data(args, rank, world_size), val, ckpt_path=args.get("resume_from"))
+        finally:
+            for w in caught:  # recorded warnings are not printed; show them (tests read stderr on failure)
+                print(f"warning: {w.message}", file=sys.stderr)
     out = dict(recorder.record)
     out["warnings"] = [str(w.message) for w in caught]
     out["rank"] = trainer.global_rank
