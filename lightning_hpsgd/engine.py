@@ -191,7 +191,9 @@ class HPSGDEngine:
         self.start = self.layout.new_buffer()
         self._start_views = self.layout.views(self.start)
         self._delta = self.layout.new_buffer()
+        self._delta_views = self.layout.views(self._delta)
         self._wire = self.layout.new_buffer(self.comm_dtype)
+        self._wire_views = self.layout.views(self._wire)
         # Side channel, summed across ranks: [0, W) each rank's step code, [W, 2W) each rank's non-finite flag.
         self._meta = torch.zeros(2 * self.world_size, dtype=torch.int64, device=self.device)
         self._comm_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
@@ -278,7 +280,7 @@ class HPSGDEngine:
     # ------------------------------------------------------------------ the rule's steps
 
     def _compute_delta(self) -> None:
-        torch._foreach_copy_(self.layout.views(self._delta), self.replica)
+        torch._foreach_copy_(self._delta_views, self.replica)
         self._delta.sub_(self.start)
 
     def _write_replica_from_start(self) -> None:
@@ -292,6 +294,7 @@ class HPSGDEngine:
         else:
             # Double buffering: the freshly computed Δ goes on the wire, and the merged wire becomes scratch.
             self._delta, self._wire = self._wire, self._delta
+            self._delta_views, self._wire_views = self._wire_views, self._delta_views
         self._meta.zero_()
         self._meta[self.rank] = 2 * step + int(is_flush)
         self._meta[self.world_size + self.rank] = torch.logical_not(
