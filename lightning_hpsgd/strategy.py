@@ -107,6 +107,7 @@ class HPSGDStrategy(DDPStrategy):
         self._flush_callback: Optional[_FlushFirst] = None
         self._optimizer_steps = 0
         self._trainable: tuple[bool, ...] = ()
+        self._abandoned = False
 
     @property
     def engine(self) -> Optional[HPSGDEngine]:
@@ -134,6 +135,7 @@ class HPSGDStrategy(DDPStrategy):
             self.setup_optimizers(trainer)
             _reject_sharded_optimizers(self.optimizers)
             self._engine = self._build_engine()
+            self._abandoned = False
             self._flush_callback = _FlushFirst(self)
             trainer.callbacks.insert(0, self._flush_callback)
         else:
@@ -179,7 +181,8 @@ class HPSGDStrategy(DDPStrategy):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None
     ) -> None:
-        if self._engine is not None and "optimizer_states" in checkpoint and not self._engine.aborted:
+        # Also after fit (`trainer.save_checkpoint` once training is done): the optimizers still hold per-rank state.
+        if "optimizer_states" in checkpoint and self.optimizers and dist.is_initialized() and not self._abandoned:
             checkpoint[CHECKPOINT_KEY] = self._gather_optimizer_states()
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
@@ -292,7 +295,9 @@ class HPSGDStrategy(DDPStrategy):
 
     def _abandon(self, exception: BaseException) -> None:
         if self._engine is None or self._engine.aborted:
+            self._abandoned = True
             return
+        self._abandoned = True
         self._engine.abandon()
         # Every rank speaks here: the exception may have hit any one of them.
         warnings.warn(

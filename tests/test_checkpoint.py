@@ -71,3 +71,13 @@ def test_resume_on_a_different_number_of_workers(tmp_path):
     assert any("written by 2 ranks and is resumed on 1" in w for w in single.result["warnings"]), single.stderr
     triple = run_ranks("fit", tmp_path / "c", {**BASE, "max_epochs": 2, "resume_from": str(ckpt)}, world_size=3)
     assert any("resumed on 3" in w for w in triple[0].result["warnings"])
+
+
+def test_save_checkpoint_after_fit_keeps_every_ranks_optimizer_state(tmp_path):
+    results = run_ranks("fit", tmp_path, {**BASE, "max_epochs": 1, "save_after_fit": True})
+    ckpt = torch.load(tmp_path / "after_fit.ckpt", weights_only=False)
+    assert ckpt["hpsgd"]["world_size"] == 2
+    momentum = [s[0]["state"][0]["momentum_buffer"] for s in ckpt["hpsgd"]["optimizer_states"]]
+    assert not torch.equal(momentum[0], momentum[1])
+    for name, value in results[1].result["final"].items():
+        assert torch.equal(ckpt["state_dict"][name], value)

@@ -138,6 +138,8 @@ def scenario_fit(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
     out["precision"] = trainer.precision
     out["losses"] = getattr(module, "losses", [])
     out["callback_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if args.get("save_after_fit"):
+        trainer.save_checkpoint(outdir / "after_fit.ckpt")
     if args.get("after_fit"):
         test_data = loader(make_batches(2, 8, seed=98))
         out["test"] = trainer.test(module, test_data, verbose=False)
