@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test demo bench clean
+.PHONY: install test lint demo bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,8 +16,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed lint
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --durations=10 tests
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check lightning_hpsgd tests recipes
+	$(VENV)/bin/ruff format --check lightning_hpsgd tests recipes
 
 demo: $(VENV)/.installed
 	$(PY) recipes/quickstart.py

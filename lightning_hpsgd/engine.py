@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -47,7 +47,7 @@ class HPSGDCommunicationError(HPSGDError):
     """An HPSGD all-reduce failed: a peer died, hung past the timeout, or the network broke."""
 
 
-def resolve_comm_dtype(comm_dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+def resolve_comm_dtype(comm_dtype: str | torch.dtype | None) -> torch.dtype | None:
     """Turn the ``comm_dtype`` option into a dtype, or raise a ``ValueError`` naming the accepted values.
 
     Args:
@@ -123,7 +123,8 @@ class HPSGDEngine:
 
         \Delta &= R - S \\
         G &\leftarrow G + \tfrac{1}{W}\textstyle\sum_{w} P_w \quad \text{(if } P \text{ is pending; wait for it)} \\
-        R &\leftarrow G + \Delta \ \text{(merge="replica")} \quad\text{or}\quad R \leftarrow G \ \text{(merge="stale")} \\
+        R &\leftarrow G + \Delta \ \text{(merge="replica")}
+            \quad\text{or}\quad R \leftarrow G \ \text{(merge="stale")} \\
         S &\leftarrow R, \qquad P \leftarrow \text{all\_reduce\_async}(\Delta)
 
     A flush merges ``P``, runs a blocking all-reduce of the last ``Δ`` and sets ``R = S = G``, so every rank holds
@@ -150,12 +151,12 @@ class HPSGDEngine:
     def __init__(
         self,
         replica: Sequence[Tensor],
-        names: Optional[Sequence[str]] = None,
+        names: Sequence[str] | None = None,
         *,
-        group: Optional[dist.ProcessGroup] = None,
+        group: dist.ProcessGroup | None = None,
         sync_every: int = 1,
         merge: MergeMode = "replica",
-        comm_dtype: Union[str, torch.dtype, None] = None,
+        comm_dtype: str | torch.dtype | None = None,
         broadcast_extra: Sequence[Tensor] = (),
         broadcast: bool = True,
     ) -> None:
@@ -197,8 +198,8 @@ class HPSGDEngine:
         # Side channel, summed across ranks: [0, W) each rank's step code, [W, 2W) each rank's non-finite flag.
         self._meta = torch.zeros(2 * self.world_size, dtype=torch.int64, device=self.device)
         self._comm_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
-        self.pending: Optional[_Pending] = None
-        self._abandoned: Optional[_Pending] = None
+        self.pending: _Pending | None = None
+        self._abandoned: _Pending | None = None
         self.steps_since_flush = 0
         self.aborted = False
         self.stats = EngineStats(bytes_per_round=self._wire.numel() * self._wire.element_size())
@@ -208,7 +209,11 @@ class HPSGDEngine:
             self.global_.copy_(self.start)
         log.debug(
             "HPSGDEngine: %d tensors, %d elements, G in %s, wire in %s, world size %d",
-            len(self.replica), self.layout.numel, self.layout.dtype, self.comm_dtype, self.world_size,
+            len(self.replica),
+            self.layout.numel,
+            self.layout.dtype,
+            self.comm_dtype,
+            self.world_size,
         )
 
     # ------------------------------------------------------------------ public API

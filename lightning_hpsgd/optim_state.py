@@ -7,7 +7,7 @@ rank (``HPSGD.md``, "Checkpoints"). Nothing here knows about a training framewor
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,7 +27,7 @@ def to_cpu(obj: Any) -> Any:
     return obj
 
 
-def gather_to_rank0(obj: Any, group: Optional[dist.ProcessGroup] = None) -> Optional[list[Any]]:
+def gather_to_rank0(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any] | None:
     """Gather one picklable object from every rank to global rank 0.
 
     Returns:
@@ -35,7 +35,7 @@ def gather_to_rank0(obj: Any, group: Optional[dist.ProcessGroup] = None) -> Opti
     """
     world_size = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    gathered: Optional[list[Any]] = [None] * world_size if rank == 0 else None
+    gathered: list[Any] | None = [None] * world_size if rank == 0 else None
     dist.gather_object(obj, gathered, dst=0, group=group)
     return gathered
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -70,14 +71,14 @@ class HPSGDStrategy(DDPStrategy):
         self,
         sync_every: int = 1,
         merge: MergeMode = "replica",
-        comm_dtype: Union[str, torch.dtype, None] = None,
-        accelerator: Optional[Accelerator] = None,
-        parallel_devices: Optional[list[torch.device]] = None,
-        cluster_environment: Optional[ClusterEnvironment] = None,
-        checkpoint_io: Optional[CheckpointIO] = None,
-        precision_plugin: Optional[Precision] = None,
-        process_group_backend: Optional[str] = None,
-        timeout: Union[timedelta, float, None] = default_pg_timeout,
+        comm_dtype: str | torch.dtype | None = None,
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | float | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
         validate_options(sync_every, merge)
@@ -102,15 +103,15 @@ class HPSGDStrategy(DDPStrategy):
         self.sync_every = sync_every
         self.merge = merge
         self.comm_dtype = resolve_comm_dtype(comm_dtype)
-        self._engine: Optional[HPSGDEngine] = None
-        self._hpsgd_group: Optional[dist.ProcessGroup] = None
-        self._flush_callback: Optional[_FlushFirst] = None
+        self._engine: HPSGDEngine | None = None
+        self._hpsgd_group: dist.ProcessGroup | None = None
+        self._flush_callback: _FlushFirst | None = None
         self._optimizer_steps = 0
         self._trainable: tuple[bool, ...] = ()
         self._abandoned = False
 
     @property
-    def engine(self) -> Optional[HPSGDEngine]:
+    def engine(self) -> HPSGDEngine | None:
         """The engine of the current fit, or ``None`` outside ``trainer.fit``."""
         return self._engine
 
@@ -162,7 +163,7 @@ class HPSGDStrategy(DDPStrategy):
         self,
         optimizer: Optimizer,
         closure: Callable[[], Any],
-        model: Optional[Union[LightningModule, Module]] = None,
+        model: LightningModule | Module | None = None,
         **kwargs: Any,
     ) -> Any:
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
@@ -178,9 +179,7 @@ class HPSGDStrategy(DDPStrategy):
         return super().lightning_module_state_dict()
 
     @override
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None
-    ) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         # Also after fit (`trainer.save_checkpoint` once training is done): the optimizers still hold per-rank state.
         if "optimizer_states" in checkpoint and self.optimizers and dist.is_initialized() and not self._abandoned:
             checkpoint[CHECKPOINT_KEY] = self._gather_optimizer_states()
@@ -385,7 +384,7 @@ def _check_same_model_on_every_rank(model: Module) -> None:
                 )
 
 
-def _describe(entry: Optional[tuple]) -> str:
+def _describe(entry: tuple | None) -> str:
     if entry is None:
         return "no tensor"
     name, shape, dtype, requires_grad = entry

@@ -7,7 +7,6 @@ Nothing here knows about a training framework: it works on lists of tensors and 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -44,7 +43,9 @@ class FlatLayout:
             raise ValueError("FlatLayout needs at least one tensor; received an empty list.")
         devices = {t.device for t in tensors}
         if len(devices) != 1:
-            raise ValueError(f"All tensors must be on one device to share a flat buffer; found {sorted(map(str, devices))}.")
+            raise ValueError(
+                f"All tensors must be on one device to share a flat buffer; found {sorted(map(str, devices))}."
+            )
         self.device: torch.device = devices.pop()
         self.dtype = dtype
         self.shapes = [t.shape for t in tensors]
@@ -56,7 +57,7 @@ class FlatLayout:
             total += n
         self.numel = total
 
-    def new_buffer(self, dtype: Optional[torch.dtype] = None, extra: int = 0) -> Tensor:
+    def new_buffer(self, dtype: torch.dtype | None = None, extra: int = 0) -> Tensor:
         """A zeroed flat buffer of ``numel + extra`` elements on the layout's device."""
         return torch.zeros(self.numel + extra, dtype=dtype or self.dtype, device=self.device)
 
@@ -72,7 +73,7 @@ class FlatLayout:
         raise IndexError(flat_index)
 
 
-def broadcast_tensors(tensors: Sequence[Tensor], src: int, group: Optional[dist.ProcessGroup] = None) -> None:
+def broadcast_tensors(tensors: Sequence[Tensor], src: int, group: dist.ProcessGroup | None = None) -> None:
     """Overwrite ``tensors`` on every rank with rank ``src``'s values, one flat broadcast per dtype.
 
     Args:

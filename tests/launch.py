@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -43,20 +43,20 @@ class RankResult:
     returncode: int
     stdout: str
     stderr: str
-    result: Optional[dict[str, Any]]
-    seconds: Optional[float]  # from launch to exit; None if it was killed at the timeout
+    result: dict[str, Any] | None
+    seconds: float | None  # from launch to exit; None if it was killed at the timeout
 
 
 def run_ranks(
     scenario: str,
     outdir: Path,
-    args: Optional[dict[str, Any]] = None,
+    args: dict[str, Any] | None = None,
     world_size: int = 2,
     num_nodes: int = 1,
     timeout: float = 180.0,
     check: bool = True,
-    extra_env: Optional[dict[str, str]] = None,
-    stop_after_rank: Optional[int] = None,
+    extra_env: dict[str, str] | None = None,
+    stop_after_rank: int | None = None,
 ) -> list[RankResult]:
     """Run ``scenario`` on ``world_size`` ranks spread over ``num_nodes`` simulated nodes; wait for all of them.
 
@@ -108,7 +108,7 @@ def run_ranks(
     return results
 
 
-def collect(rank: int, returncode: int, outdir: Path, seconds: Optional[float]) -> RankResult:
+def collect(rank: int, returncode: int, outdir: Path, seconds: float | None) -> RankResult:
     path = outdir / f"rank{rank}.pt"
     result = torch.load(path, weights_only=False) if path.exists() else None
     return RankResult(

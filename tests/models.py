@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 import torch
@@ -10,7 +10,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 
-def make_batches(num_batches: int, batch_size: int, seed: int, in_features: int = 6) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_batches(
+    num_batches: int, batch_size: int, seed: int, in_features: int = 6
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A fixed list of (x, y) regression batches: y = x @ w + noise."""
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(in_features, 2, generator=torch.Generator().manual_seed(1234))
@@ -29,7 +31,9 @@ def loader(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batches[0][0].shape[0], shuffle=False)
 
 
-def build_net(hidden: int = 16, batchnorm: bool = False, frozen_first: bool = False, in_features: int = 6) -> nn.Sequential:
+def build_net(
+    hidden: int = 16, batchnorm: bool = False, frozen_first: bool = False, in_features: int = 6
+) -> nn.Sequential:
     torch.manual_seed(0)
     layers: list[nn.Module] = [nn.Linear(in_features, hidden)]
     if batchnorm:
@@ -54,12 +58,13 @@ class Regressor(L.LightningModule):
         frozen_first: bool = False,
         scheduler: bool = False,
         manual: bool = False,
-        nan_at_step: Optional[int] = None,
+        nan_at_step: int | None = None,
         nan_rank: int = 1,
-        exit_at_step: Optional[int] = None,
-        hang_at_step: Optional[int] = None,
-        unfreeze_at_epoch: Optional[int] = None,
-        raise_at_step: Optional[int] = None,
+        exit_at_step: int | None = None,
+        hang_at_step: int | None = None,
+        unfreeze_at_epoch: int | None = None,
+        raise_at_step: int | None = None,
+        log_sync_dist: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -80,7 +85,7 @@ class Regressor(L.LightningModule):
         x, y = batch
         return nn.functional.mse_loss(self(x).float(), y.float())
 
-    def training_step(self, batch: Any, batch_idx: int) -> Optional[torch.Tensor]:
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         hp = self.hparams
         if hp.exit_at_step is not None and self.global_step == hp.exit_at_step and self.global_rank == 1:
             import os
@@ -97,7 +102,7 @@ class Regressor(L.LightningModule):
             loss = loss * float("nan")
         self.losses.append(float(loss.detach()))
         # sync_dist runs a collective on the default group while an HPSGD round is in flight on its own group.
-        self.log("train_loss", loss, sync_dist=True)
+        self.log("train_loss", loss, sync_dist=hp.log_sync_dist)
         if hp.manual:
             opt = self.optimizers()
             opt.zero_grad()

@@ -26,7 +26,9 @@ def test_epoch_end_checkpoint_resumes_exactly(tmp_path):
         assert torch.equal(last["state_dict"][name], value), f"checkpoint {name} is not the flushed model"
 
     resumed = run_ranks(
-        "fit", tmp_path / "b", {**BASE, "checkpoint": {"every_n_epochs": 1, "dir": "ckpt_b"}, "resume_from": str(ckpts[0])}
+        "fit",
+        tmp_path / "b",
+        {**BASE, "checkpoint": {"every_n_epochs": 1, "dir": "ckpt_b"}, "resume_from": str(ckpts[0])},
     )
     for a, b in zip(first, resumed):
         assert b.result["start_step"] == 6
@@ -44,8 +46,9 @@ def test_mid_epoch_checkpoint_resume(tmp_path):
     first = run_ranks("fit", tmp_path / "a", args)
     ckpt = tmp_path / "a" / "ckpt" / "epoch=0-step=4.ckpt"
     assert ckpt.exists(), sorted(p.name for p in (tmp_path / "a" / "ckpt").iterdir())
-    resumed = run_ranks("fit", tmp_path / "b", {**args, "checkpoint": {"every_n_train_steps": 4, "dir": "c"},
-                                                "resume_from": str(ckpt)})
+    resumed = run_ranks(
+        "fit", tmp_path / "b", {**args, "checkpoint": {"every_n_train_steps": 4, "dir": "c"}, "resume_from": str(ckpt)}
+    )
     # Every checkpoint holds the flushed model: all ranks hold exactly what was written.
     for step in (4, 8, 12):
         written = torch.load(next((tmp_path / "a" / "ckpt").glob(f"*step={step}.ckpt")), weights_only=False)

@@ -19,14 +19,20 @@ def failing_ranks(tmp_path, args, **kwargs):
 def test_models_that_differ_across_ranks_fail_at_setup(tmp_path):
     for r in failing_ranks(tmp_path, {"hidden_on_rank1": 8}):
         assert "HPSGD: ranks hold different models" in r.stderr
-        assert "rank 0 has 'net.0.weight' shape=[16, 6]" in r.stderr and "rank 1 has 'net.0.weight' shape=[8, 6]" in r.stderr
+        assert (
+            "rank 0 has 'net.0.weight' shape=[16, 6]" in r.stderr
+            and "rank 1 has 'net.0.weight' shape=[8, 6]" in r.stderr
+        )
 
 
 def test_non_finite_update_stops_every_rank_with_step_and_parameter(tmp_path):
     # global_step == 2 inside training_step is the third optimizer step.
     for r in failing_ranks(tmp_path, {"model_args": {"nan_at_step": 2}}):
         assert "NonFiniteUpdateError" in r.stderr
-        assert "from rank(s) [1] in the round that ended at optimizer step 3, first in parameter 'net.0.weight'" in r.stderr
+        assert (
+            "from rank(s) [1] in the round that ended at optimizer step 3, first in parameter 'net.0.weight'"
+            in r.stderr
+        )
 
 
 def test_ddp_wrapped_module_is_rejected(tmp_path):
@@ -41,10 +47,17 @@ def test_sharded_optimizer_is_rejected(tmp_path):
 
 @pytest.mark.parametrize("sync_every", [1, 4])
 def test_dead_peer_makes_survivors_exit_within_timeout(tmp_path, sync_every):
+    # No `sync_dist` logging here, so the first collective to meet the dead peer is an HPSGD round.
     timeout_s = 20
     started = time.monotonic()
     results = failing_ranks(
-        tmp_path, {"model_args": {"exit_at_step": 3}, "timeout_s": timeout_s, "sync_every": sync_every, "max_epochs": 3}
+        tmp_path,
+        {
+            "model_args": {"exit_at_step": 3, "log_sync_dist": False},
+            "timeout_s": timeout_s,
+            "sync_every": sync_every,
+            "max_epochs": 3,
+        },
     )
     elapsed = time.monotonic() - started
     assert results[1].returncode == 17  # the rank that died
@@ -57,8 +70,12 @@ def test_dead_peer_makes_survivors_exit_within_timeout(tmp_path, sync_every):
 def test_hung_peer_makes_survivors_exit_within_timeout(tmp_path):
     timeout_s = 10
     results = run_ranks(
-        "fit", tmp_path, {"num_batches": 6, "model_args": {"hang_at_step": 2}, "timeout_s": timeout_s}, check=False,
-        timeout=90, stop_after_rank=0,
+        "fit",
+        tmp_path,
+        {"num_batches": 6, "model_args": {"hang_at_step": 2, "log_sync_dist": False}, "timeout_s": timeout_s},
+        check=False,
+        timeout=90,
+        stop_after_rank=0,
     )
     survivor = results[0]
     assert survivor.returncode != 0 and survivor.seconds is not None

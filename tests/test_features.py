@@ -31,7 +31,9 @@ def assert_flushed_and_trained(results) -> None:
         for mine, theirs in zip(r.get("at_validation", []), first.get("at_validation", [])):
             for name, value in mine.items():
                 assert torch.equal(value, theirs[name]), f"{name} differs between ranks at validation start"
-    changed = [n for n, v in first["final"].items() if v.is_floating_point() and not torch.equal(v, first["initial"][n])]
+    changed = [
+        n for n, v in first["final"].items() if v.is_floating_point() and not torch.equal(v, first["initial"][n])
+    ]
     assert changed, "training did not change the model"
     for value in first["final"].values():
         assert torch.isfinite(value.float()).all()

@@ -17,9 +17,17 @@ pytestmark = [
 def test_cuda_nccl_precisions(tmp_path, precision):
     world = min(2, torch.cuda.device_count())
     results = run_ranks(
-        "fit", tmp_path,
-        {"accelerator": "gpu", "backend": "nccl", "precision": precision, "max_epochs": 2, "val": True,
-         "after_fit": True, "sync_every": 2},
+        "fit",
+        tmp_path,
+        {
+            "accelerator": "gpu",
+            "backend": "nccl",
+            "precision": precision,
+            "max_epochs": 2,
+            "val": True,
+            "after_fit": True,
+            "sync_every": 2,
+        },
         world_size=world,
     )
     for r in results:
@@ -37,8 +45,7 @@ def test_cuda_engine_matches_reference(tmp_path):
     from tests.test_reference import NUM_BATCHES, assert_matches, mse, sgd
 
     world = min(2, torch.cuda.device_count())
-    args = {"accelerator": "gpu", "backend": "nccl", "per_rank_data": True, "num_batches": NUM_BATCHES,
-            "sync_every": 3}
+    args = {"accelerator": "gpu", "backend": "nccl", "per_rank_data": True, "num_batches": NUM_BATCHES, "sync_every": 3}
     results = run_ranks("fit", tmp_path, args, world_size=world)
     batches = [make_batches(NUM_BATCHES, 8, seed=100 + r) for r in range(world)]
     reference = simulate(build_net(), sgd, batches, 3, "replica", mse)

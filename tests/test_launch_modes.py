@@ -55,8 +55,21 @@ def test_multiprocessing_launchers_return_the_flushed_model(tmp_path, strategy):
 def test_torchrun_two_nodes(tmp_path):
     port = str(free_port())
     cmds = [
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={n}", "--nproc_per_node=1",
-         "--master_addr=127.0.0.1", f"--master_port={port}", SCRIPT, str(tmp_path), "hpsgd", "1", "2"]
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            f"--node_rank={n}",
+            "--nproc_per_node=1",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            SCRIPT,
+            str(tmp_path),
+            "hpsgd",
+            "1",
+            "2",
+        ]
         for n in range(2)
     ]
     run(cmds, [base_env(), base_env()])
@@ -72,9 +85,17 @@ def test_slurm_two_nodes_two_devices(tmp_path):
     for rank in range(4):
         env = base_env()
         env.update(
-            SLURM_NTASKS="4", SLURM_NTASKS_PER_NODE="2", SLURM_NNODES="2", SLURM_JOB_NAME="hpsgd-test",
-            SLURM_JOB_ID="4242", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank % 2), SLURM_NODEID=str(rank // 2),
-            SLURM_NODELIST="127.0.0.1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+            SLURM_NTASKS="4",
+            SLURM_NTASKS_PER_NODE="2",
+            SLURM_NNODES="2",
+            SLURM_JOB_NAME="hpsgd-test",
+            SLURM_JOB_ID="4242",
+            SLURM_PROCID=str(rank),
+            SLURM_LOCALID=str(rank % 2),
+            SLURM_NODEID=str(rank // 2),
+            SLURM_NODELIST="127.0.0.1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
         )
         envs.append(env)
     run([[sys.executable, SCRIPT, str(tmp_path), "hpsgd", "2", "2"]] * 4, envs)

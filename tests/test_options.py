@@ -59,8 +59,10 @@ def test_invalid_arguments_name_the_accepted_values(kwargs, message):
     assert message in str(err.value)
 
 
-@pytest.mark.parametrize(("value", "dtype"), [("bf16", torch.bfloat16), ("torch.float16", torch.float16),
-                                              (torch.bfloat16, torch.bfloat16), (None, None)])
+@pytest.mark.parametrize(
+    ("value", "dtype"),
+    [("bf16", torch.bfloat16), ("torch.float16", torch.float16), (torch.bfloat16, torch.bfloat16), (None, None)],
+)
 def test_comm_dtype_spellings(value, dtype):
     assert HPSGDStrategy(comm_dtype=value).comm_dtype == dtype
 
@@ -97,6 +99,14 @@ model:
 
 
 def test_lightning_cli_strategy_by_name():
-    cli = LightningCLI(Regressor, run=False, args=["--trainer.strategy=hpsgd_stale", "--trainer.accelerator=cpu",
-                                                   "--trainer.devices=2", "--trainer.logger=false"])
+    cli = LightningCLI(
+        Regressor,
+        run=False,
+        args=[
+            "--trainer.strategy=hpsgd_stale",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=2",
+            "--trainer.logger=false",
+        ],
+    )
     assert isinstance(cli.trainer.strategy, HPSGDStrategy) and cli.trainer.strategy.merge == "stale"

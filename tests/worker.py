@@ -160,7 +160,7 @@ def scenario_engine(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
         world_size=int(os.environ["WORLD_SIZE"]),
         timeout=timedelta(seconds=args.get("timeout_s", 60)),
     )
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     torch.manual_seed(1000 + rank)  # different on purpose: setup must broadcast rank 0's values
     dtype = getattr(torch, args.get("dtype", "float32"))
     replica = [torch.randn(5, 3, dtype=dtype), torch.randn(7, dtype=dtype), torch.randn(2, dtype=torch.float64)]
@@ -195,8 +195,15 @@ def scenario_engine(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
         engine.flush(step)
     except Exception as err:  # the test asserts the message; every rank must raise the same error
         out["error"] = f"{type(err).__name__}: {err}"
-    out.update(final=[t.clone() for t in replica], totals=totals, history=history, global_=engine.global_.clone(),
-               rounds=engine.stats.rounds, pending=engine.pending is not None, global_dtype=engine.global_.dtype)
+    out.update(
+        final=[t.clone() for t in replica],
+        totals=totals,
+        history=history,
+        global_=engine.global_.clone(),
+        rounds=engine.stats.rounds,
+        pending=engine.pending is not None,
+        global_dtype=engine.global_.dtype,
+    )
     return out
 
 

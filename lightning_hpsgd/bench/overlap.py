@@ -40,7 +40,9 @@ def _worker(rank: int, world_size: int, port: int, hidden: int, rounds: int, bat
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
     group = dist.new_group()
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+    model = nn.Sequential(
+        nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10)
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     engine = HPSGDEngine(list(model.parameters()), group=group)
     x = torch.randn(batch, hidden, generator=torch.Generator().manual_seed(rank))
@@ -100,13 +102,16 @@ def measure_overlap(world_size: int = 2, hidden: int = 512, rounds: int = 30, ba
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(world_size, port, hidden, rounds, batch, queue), nprocs=world_size,
-                       start_method="spawn")
+    mp.start_processes(
+        _worker, args=(world_size, port, hidden, rounds, batch, queue), nprocs=world_size, start_method="spawn"
+    )
     return queue.get()
 
 
 def report(result: OverlapResult) -> str:
     lines = [f"{k:>20}: {v:.4g}" if isinstance(v, float) else f"{k:>20}: {v}" for k, v in asdict(result).items()]
-    verdict = "all-reduce shorter than a step" if result.allreduce_ms < result.step_ms else "all-reduce LONGER than a step"
+    verdict = (
+        "all-reduce shorter than a step" if result.allreduce_ms < result.step_ms else "all-reduce LONGER than a step"
+    )
     lines.append(f"{'regime':>20}: {verdict}")
     return "\n".join(lines)
