@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Literal
 
 import torch
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 MergeMode = Literal["replica", "stale"]
 MERGE_MODES: tuple[str, ...] = ("replica", "stale")
 COMM_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
     "fp16": torch.float16,
@@ -47,12 +50,18 @@ class HPSGDCommunicationError(HPSGDError):
     """An HPSGD all-reduce failed: a peer died, hung past the timeout, or the network broke."""
 
 
+class HPSGDReentryError(HPSGDError):
+    """The engine was entered again while a sync point or flush was running (e.g. from a signal handler)."""
+
+
 def resolve_comm_dtype(comm_dtype: str | torch.dtype | None) -> torch.dtype | None:
     """Turn the ``comm_dtype`` option into a dtype, or raise a ``ValueError`` naming the accepted values.
 
     Args:
-        comm_dtype: ``None`` (full precision), ``torch.bfloat16`` / ``torch.float16``, or one of the strings
-            ``"bf16"``, ``"bfloat16"``, ``"fp16"``, ``"float16"``, ``"half"`` (also with a ``"torch."`` prefix).
+        comm_dtype: ``None`` (full precision), ``torch.bfloat16`` / ``torch.float16`` / ``torch.float32``, or one
+            of the strings ``"bf16"``, ``"bfloat16"``, ``"fp16"``, ``"float16"``, ``"half"``, ``"fp32"``,
+            ``"float32"`` (also with a ``"torch."`` prefix). A wire dtype at least as wide as ``G`` means no
+            compression.
     """
     if comm_dtype is None:
         return None
@@ -62,11 +71,11 @@ def resolve_comm_dtype(comm_dtype: str | torch.dtype | None) -> torch.dtype | No
         key = comm_dtype.lower().removeprefix("torch.")
         if key in COMM_DTYPES:
             return COMM_DTYPES[key]
-        if key in ("none", "null", "fp32", "float32", "32"):
+        if key in ("none", "null"):
             return None
     raise ValueError(
-        f"comm_dtype must be None (full precision), torch.bfloat16 or torch.float16 (or one of the strings"
-        f" {sorted(COMM_DTYPES)}); received {comm_dtype!r}."
+        "comm_dtype must be None (full precision), torch.bfloat16, torch.float16 or torch.float32 (or one of the"
+        f" strings {sorted(COMM_DTYPES)}); received {comm_dtype!r}."
     )
 
 
@@ -136,12 +145,14 @@ class HPSGDEngine:
 
     Args:
         replica: the tensors to average, all floating-point and on one device. They are updated in place.
-        names: one name per tensor, used in error messages (default: ``tensor{i}``).
+        names: one name per tensor, used in error messages and by :meth:`global_state` (default: ``tensor{i}``).
         group: the process group for the HPSGD all-reduce. Give it a group of its own so that other collectives
             never queue behind a pending round (default: the world).
         sync_every: ``H``, optimizer steps per round (>= 1; default 1).
         merge: ``"replica"`` (HPSGD: ``R ← G + Δ``) or ``"stale"`` (``R ← G``, the stale-gradient baseline).
         comm_dtype: dtype on the wire (``None``: full precision; bf16/fp16 compress, ``G`` stays fp32 or wider).
+        timeout: the longest a merge waits for the pending all-reduce before raising
+            :class:`HPSGDCommunicationError` (default: the process group's own timeout).
         broadcast_extra: tensors that are not averaged but must start equal (frozen parameters, integer buffers);
             broadcast from rank 0 at construction together with ``replica``.
         broadcast: whether to broadcast rank 0's values at construction (default ``True``). Set ``False`` only if
@@ -157,6 +168,7 @@ class HPSGDEngine:
         sync_every: int = 1,
         merge: MergeMode = "replica",
         comm_dtype: str | torch.dtype | None = None,
+        timeout: timedelta | None = None,
         broadcast_extra: Sequence[Tensor] = (),
         broadcast: bool = True,
     ) -> None:
@@ -174,16 +186,21 @@ class HPSGDEngine:
         self.group = group
         self.sync_every = sync_every
         self.merge = merge
+        self.timeout = timeout
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
 
         self.layout = FlatLayout(self.replica, accumulation_dtype(self.replica))
         self.device = self.layout.device
-        self.comm_dtype = resolve_comm_dtype(comm_dtype) or self.layout.dtype
-        self.compressed = self.comm_dtype != self.layout.dtype
+        wire_dtype = resolve_comm_dtype(comm_dtype) or self.layout.dtype
+        self.compressed = torch.finfo(wire_dtype).bits < torch.finfo(self.layout.dtype).bits
+        self.comm_dtype = wire_dtype if self.compressed else self.layout.dtype
+        # A compressed wire carries Δ / W (so the sum cannot overflow where the mean would not); a full-precision
+        # wire carries Δ and the merge divides the sum by W, as HPSGD.md writes it.
+        self._merge_scale = 1.0 if self.compressed else 1.0 / self.world_size
         # When R is stored in a narrower dtype than G (bf16-true), writing G + Δ into R rounds it, so S must be
         # re-read from R for Δ to measure only the optimizer's progress.
-        self._replica_is_narrow = any(t.dtype != self.layout.dtype for t in self.replica)
+        self.replica_is_narrow = any(t.dtype != self.layout.dtype for t in self.replica)
 
         if broadcast:
             broadcast_tensors(self.replica + [t.detach() for t in broadcast_extra], src=self._src(), group=group)
@@ -200,7 +217,9 @@ class HPSGDEngine:
         self._comm_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
         self.pending: _Pending | None = None
         self._abandoned: _Pending | None = None
-        self.steps_since_flush = 0
+        self._last_step: int | None = None
+        self._steps_since_flush = 0
+        self._busy = False
         self.aborted = False
         self.stats = EngineStats(bytes_per_round=self._wire.numel() * self._wire.element_size())
 
@@ -218,16 +237,25 @@ class HPSGDEngine:
 
     # ------------------------------------------------------------------ public API
 
-    def on_optimizer_step(self, step: int) -> bool:
-        """Record that optimizer step number ``step`` (1-based, as ``global_step`` counts) was taken.
+    @property
+    def needs_flush(self) -> bool:
+        """Whether a round is in flight or an optimizer step was taken since the last flush (this rank's view)."""
+        return self.pending is not None or self._steps_since_flush > 0
 
-        Runs a sync point when ``step`` is a multiple of ``sync_every``.
+    def on_optimizer_step(self, step: int) -> bool:
+        """Record that optimizer step number ``step`` (1-based, as ``trainer.global_step`` counts) was taken.
+
+        Runs a sync point when ``step`` reaches a new multiple of ``sync_every``. Step numbers may jump (a
+        training loop that counts a batch whose optimizer step was skipped); a round ends at the first step at or
+        past each multiple.
 
         Returns:
             Whether a sync point ran.
         """
-        self.steps_since_flush += 1
-        if step % self.sync_every != 0:
+        previous = step - 1 if self._last_step is None else self._last_step
+        self._last_step = step
+        self._steps_since_flush += 1
+        if step // self.sync_every <= previous // self.sync_every:
             return False
         self.sync_point(step)
         return True
@@ -235,40 +263,36 @@ class HPSGDEngine:
     @torch.no_grad()
     def sync_point(self, step: int) -> None:
         """Steps 1-5 of the rule: merge the pending average, rebase ``R`` and launch this round's all-reduce."""
-        self._check_usable()
-        self._compute_delta()
-        wait_seconds = self._merge_pending()
-        if self.merge == "replica":
-            torch.add(self.global_, self._delta, out=self.start)
-        else:
-            self.start.copy_(self.global_)
-        self._write_replica_from_start()
-        self._launch(step, is_flush=False)
+        with self._exclusive("sync point"):
+            self._compute_delta()
+            wait_seconds = self._merge_pending()
+            if self.merge == "replica":
+                torch.add(self.global_, self._delta, out=self.start)
+            else:
+                self.start.copy_(self.global_)
+            self._write_replica_from_start()
+            self._launch(step, is_flush=False)
         self.stats.last_wait_seconds = wait_seconds
         self.stats.wait_seconds += wait_seconds
 
     @torch.no_grad()
-    def flush(self, step: int) -> bool:
+    def flush(self, step: int) -> None:
         """Leave every rank with ``R = S = G`` and nothing in flight (a blocking all-reduce of the last ``Δ``).
 
-        Does nothing (and communicates nothing) when no optimizer step was taken since the last flush; that
-        condition is the same on every rank because every rank counts the same steps.
-
-        Returns:
-            Whether anything was communicated.
+        A collective: every rank must call it at the same point. It always communicates, even when this rank took
+        no step since the last flush, so that ranks whose step counts diverged get :class:`RanksOutOfStepError`
+        instead of waiting for each other, and changes made outside optimizer steps (BatchNorm statistics from
+        forward passes) are averaged too.
         """
-        self._check_usable()
-        if self.pending is None and self.steps_since_flush == 0:
-            return False
-        self._compute_delta()
-        self._merge_pending()
-        self._launch(step, is_flush=True)
-        self._merge_pending()
-        self.start.copy_(self.global_)
-        self._write_replica_from_start()
-        self.steps_since_flush = 0
+        with self._exclusive("flush"):
+            self._compute_delta()
+            self._merge_pending()
+            self._launch(step, is_flush=True)
+            self._merge_pending()
+            self.start.copy_(self.global_)
+            self._write_replica_from_start()
+        self._steps_since_flush = 0
         self.stats.flushes += 1
-        return True
 
     def abandon(self) -> None:
         """Give up after an error: drop the pending all-reduce without waiting and refuse further collectives.
@@ -282,6 +306,28 @@ class HPSGDEngine:
         self.pending = None
         self.aborted = True
 
+    def global_state(self) -> dict[str, Tensor]:
+        """``G`` by tensor name, as CPU copies: what a flushed narrow replica (bf16) cannot hold by itself."""
+        return {name: view.detach().cpu().clone() for name, view in zip(self.names, self.layout.views(self.global_))}
+
+    @torch.no_grad()
+    def load_global_state(self, state: Mapping[str, Tensor]) -> int:
+        """Set ``G`` from :meth:`global_state` output, for the names present in both with the same shape.
+
+        Call it right after construction (or a flush). It restores only ``G``'s extra precision: it is meant for
+        values whose rounding to the replica's dtype equals the replica, and it leaves ``R`` and ``S`` as they are.
+
+        Returns:
+            How many tensors were restored.
+        """
+        restored = 0
+        for name, view in zip(self.names, self.layout.views(self.global_)):
+            saved = state.get(name)
+            if saved is not None and saved.shape == view.shape:
+                view.copy_(saved)
+                restored += 1
+        return restored
+
     # ------------------------------------------------------------------ the rule's steps
 
     def _compute_delta(self) -> None:
@@ -290,12 +336,12 @@ class HPSGDEngine:
 
     def _write_replica_from_start(self) -> None:
         torch._foreach_copy_(self.replica, self._start_views)
-        if self._replica_is_narrow:
+        if self.replica_is_narrow:
             torch._foreach_copy_(self._start_views, self.replica)
 
     def _launch(self, step: int, is_flush: bool) -> None:
         if self.compressed:
-            self._wire.copy_(self._delta)
+            torch.mul(self._delta, 1.0 / self.world_size, out=self._wire)
         else:
             # Double buffering: the freshly computed Δ goes on the wire, and the merged wire becomes scratch.
             self._delta, self._wire = self._wire, self._delta
@@ -327,10 +373,16 @@ class HPSGDEngine:
         started = time.perf_counter()
         try:
             for work in pending.works:
-                work.wait()
+                # With a timeout, NCCL's wait blocks the host and raises too, instead of only ordering streams.
+                if self.timeout is None:
+                    work.wait()
+                else:
+                    work.wait(self.timeout)
             if self._comm_stream is not None:
                 torch.cuda.current_stream(self.device).wait_stream(self._comm_stream)
-            meta = self._meta.tolist()
+            # One host read per round: the side channel and whether the reduced sum is finite.
+            reduced_finite = torch.isfinite(self._wire.sum(dtype=self.layout.dtype)).to(torch.int64)
+            meta = torch.cat([self._meta, reduced_finite.view(1)]).tolist()
         except RuntimeError as err:
             self.aborted = True
             raise HPSGDCommunicationError(
@@ -339,14 +391,14 @@ class HPSGDEngine:
                 " its network. Check the other ranks' logs; resume from the last checkpoint."
             ) from err
         waited = time.perf_counter() - started
-        self._check_meta(meta, pending)
-        self.global_.add_(self._wire, alpha=1.0 / self.world_size)
+        self._check_meta(meta[:-1], bool(meta[-1]), pending)
+        self.global_.add_(self._wire, alpha=self._merge_scale)
         self.stats.rounds += 1
         return waited
 
     # ------------------------------------------------------------------ checks
 
-    def _check_meta(self, meta: list[int], pending: _Pending) -> None:
+    def _check_meta(self, meta: list[int], reduced_finite: bool, pending: _Pending) -> None:
         codes = meta[: self.world_size]
         if len(set(codes)) != 1:
             self.aborted = True
@@ -359,21 +411,40 @@ class HPSGDEngine:
                 " conditions on every rank, and give every rank the same number of batches."
             )
         bad_ranks = [r for r, flag in enumerate(meta[self.world_size :]) if flag]
-        if bad_ranks:
+        if bad_ranks or not reduced_finite:
             self.aborted = True
             bad = (~torch.isfinite(self._wire)).nonzero()
-            where = self.names[self.layout.index_of(int(bad[0]))] if bad.numel() else "(overflow on the wire)"
+            where = self.names[self.layout.index_of(int(bad[0]))] if bad.numel() else "(unknown)"
             kind = "round" if not pending.is_flush else "flush"
+            source = (
+                f"from rank(s) {bad_ranks}"
+                if bad_ranks
+                else f"from the sum over ranks, which overflowed the {self.comm_dtype} wire"
+            )
             raise NonFiniteUpdateError(
-                f"HPSGD: a non-finite update (NaN or inf) from rank(s) {bad_ranks} in the {kind} that ended at"
-                f" optimizer step {pending.step}, first in parameter {where!r}. It was not merged into the global"
-                " model. Lower the learning rate, clip gradients (Trainer(gradient_clip_val=...)), or check the"
-                " data of that step; with comm_dtype=float16, values beyond ±65504 overflow, so try bfloat16."
+                f"HPSGD: a non-finite update (NaN or inf) {source} in the {kind} that ended at optimizer step"
+                f" {pending.step}, first in parameter {where!r}. It was not merged into the global model. Lower the"
+                " learning rate, clip gradients (Trainer(gradient_clip_val=...)), or check the data of that step;"
+                " with comm_dtype=float16, values beyond ±65504 overflow, so try bfloat16."
             )
 
-    def _check_usable(self) -> None:
+    @contextmanager
+    def _exclusive(self, what: str) -> Iterator[None]:
         if self.aborted:
             raise HPSGDError("HPSGD: this engine was abandoned after an error; create a new one to train again.")
+        if self._busy:
+            self.aborted = True
+            raise HPSGDReentryError(
+                f"HPSGD: a {what} was requested while another sync point or flush was running on this rank, most"
+                " likely from a signal handler (e.g. SLURM auto-requeue saving a checkpoint). Ranks cannot agree"
+                " on such a point; save checkpoints from training hooks, or disable auto-requeue"
+                " (SLURMEnvironment(auto_requeue=False))."
+            )
+        self._busy = True
+        try:
+            yield
+        finally:
+            self._busy = False
 
     def _src(self) -> int:
         return dist.get_global_rank(self.group, 0) if self.group is not None else 0

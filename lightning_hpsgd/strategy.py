@@ -106,9 +106,12 @@ class HPSGDStrategy(DDPStrategy):
         self._engine: HPSGDEngine | None = None
         self._hpsgd_group: dist.ProcessGroup | None = None
         self._flush_callback: _FlushFirst | None = None
-        self._optimizer_steps = 0
+        self._object_group: dist.ProcessGroup | None = None
         self._trainable: tuple[bool, ...] = ()
         self._abandoned = False
+        # G of a narrow (bf16/fp16) replica keeps bits the model cannot hold; carried across checkpoints and
+        # engine rebuilds so that a resume continues exactly.
+        self._global_state: dict[str, torch.Tensor] | None = None
 
     @property
     def engine(self) -> HPSGDEngine | None:
@@ -146,16 +149,11 @@ class HPSGDStrategy(DDPStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
 
     @override
-    def on_train_start(self) -> None:
-        trainer = self.lightning_module.trainer
-        self._optimizer_steps = trainer.global_step
-        log.debug(f"{self.__class__.__name__}: training starts at optimizer step {self._optimizer_steps}")
-
-    @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Runs after users' hooks, so it sees a freeze or unfreeze (e.g. BackboneFinetuning) before the batch trains.
         if self._engine is not None and self._trainable != _trainable_flags(self.model):
             self.flush("trainable parameters changed")
+            self._global_state = self._engine.global_state() if self._engine.replica_is_narrow else None
             self._engine = self._build_engine()
 
     @override
@@ -168,8 +166,8 @@ class HPSGDStrategy(DDPStrategy):
     ) -> Any:
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
         if self._engine is not None:
-            self._optimizer_steps += 1
-            self._engine.on_optimizer_step(self._optimizer_steps)
+            # Lightning counts this step into `global_step` after this call returns.
+            self._engine.on_optimizer_step(self._global_step() + 1)
         return output
 
     @override
@@ -182,8 +180,15 @@ class HPSGDStrategy(DDPStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         # Also after fit (`trainer.save_checkpoint` once training is done): the optimizers still hold per-rank state.
         if "optimizer_states" in checkpoint and self.optimizers and dist.is_initialized() and not self._abandoned:
-            checkpoint[CHECKPOINT_KEY] = self._gather_optimizer_states()
+            checkpoint[CHECKPOINT_KEY] = self._gather_per_rank_state()
         super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        # Lightning reads the file before `setup` builds the engine, which then starts from the saved G.
+        self._global_state = checkpoint.get(CHECKPOINT_KEY, {}).get("global")
+        return checkpoint
 
     @override
     def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:
@@ -195,6 +200,10 @@ class HPSGDStrategy(DDPStrategy):
         per_rank = saved["optimizer_states"]
         if saved["world_size"] == self.world_size:
             states = per_rank[self.global_rank]
+            # Lightning restored rank 0's precision state (a GradScaler's scale); each rank takes back its own.
+            precision_state = saved.get("precision_states", [None] * self.world_size)[self.global_rank]
+            if precision_state:
+                self.precision_plugin.load_state_dict(precision_state)
         else:
             rank_zero_warn(
                 f"HPSGD: the checkpoint was written by {saved['world_size']} ranks and is resumed on"
@@ -213,7 +222,10 @@ class HPSGDStrategy(DDPStrategy):
 
     @override
     def teardown(self) -> None:
-        self.flush("teardown")
+        if self._engine is not None and not self._engine.aborted and self._engine.needs_flush:
+            self.flush("teardown")
+        if self._engine is not None and self._engine.replica_is_narrow and not self._engine.aborted:
+            self._global_state = self._engine.global_state()  # for `trainer.save_checkpoint` after fit
         self._engine = None
         if self._flush_callback is not None and self.lightning_module is not None:
             trainer = self.lightning_module._trainer
@@ -244,24 +256,29 @@ class HPSGDStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------ helpers
 
-    def flush(self, reason: str = "request") -> bool:
+    def flush(self, reason: str = "request") -> None:
         """Bring every rank to the same model with nothing in flight (a collective: call it on every rank).
 
-        Returns:
-            Whether anything was communicated.
+        Does nothing outside ``fit`` or after an error abandoned the engine.
         """
         if self._engine is None or self._engine.aborted:
-            return False
-        flushed = self._engine.flush(self._optimizer_steps)
-        if flushed:
-            log.debug(f"{self.__class__.__name__}: flushed at step {self._optimizer_steps} ({reason})")
-        return flushed
+            return
+        step = self._global_step()
+        self._engine.flush(step)
+        log.debug(f"{self.__class__.__name__}: flushed at step {step} ({reason})")
+
+    def _global_step(self) -> int:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        return trainer.global_step if trainer is not None else 0
 
     def _build_engine(self) -> HPSGDEngine:
         assert self.model is not None
         _check_same_model_on_every_rank(self.model)
         if self._hpsgd_group is None:
             self._hpsgd_group = dist.new_group(backend=self.process_group_backend, timeout=self._timeout)
+            # Checkpoint state is gathered as pickled CPU objects: over gloo, never through rank 0's GPU memory.
+            cpu_backend = self.process_group_backend == "gloo"
+            self._object_group = None if cpu_backend else dist.new_group(backend="gloo", timeout=self._timeout)
         names, replica, extra = [], [], []
         for name, param in self.model.named_parameters():
             if param.requires_grad:
@@ -278,19 +295,37 @@ class HPSGDStrategy(DDPStrategy):
         if not replica:
             raise ValueError("HPSGD found no trainable parameter or floating-point buffer in the model to average.")
         self._trainable = _trainable_flags(self.model)
-        return HPSGDEngine(
+        engine = HPSGDEngine(
             replica,
             names,
             group=self._hpsgd_group,
             sync_every=self.sync_every,
             merge=self.merge,
             comm_dtype=self.comm_dtype,
+            timeout=self._timeout,
             broadcast_extra=extra,
         )
+        if self._global_state is not None and engine.replica_is_narrow:
+            engine.load_global_state(self._global_state)
+        self._global_state = None
+        return engine
 
-    def _gather_optimizer_states(self) -> dict[str, Any]:
-        local = [to_cpu(_unwrap(opt).state_dict()) for opt in self.optimizers]
-        return {"world_size": self.world_size, "optimizer_states": gather_to_rank0(local)}
+    def _gather_per_rank_state(self) -> dict[str, Any]:
+        """Every rank's optimizer and precision state (and G of a narrow replica), gathered to rank 0."""
+        local = {
+            "optimizer_states": [to_cpu(_unwrap(opt).state_dict()) for opt in self.optimizers],
+            "precision_state": to_cpu(self.precision_plugin.state_dict()),
+        }
+        gathered = gather_to_rank0(local, group=self._object_group)
+        state: dict[str, Any] = {"world_size": self.world_size}
+        if gathered is not None:
+            state["optimizer_states"] = [g["optimizer_states"] for g in gathered]
+            state["precision_states"] = [g["precision_state"] for g in gathered]
+        engine = self._engine
+        global_state = engine.global_state() if engine is not None and engine.replica_is_narrow else self._global_state
+        if global_state is not None:
+            state["global"] = global_state
+        return state
 
     def _abandon(self, exception: BaseException) -> None:
         if self._engine is None or self._engine.aborted:
@@ -300,8 +335,8 @@ class HPSGDStrategy(DDPStrategy):
         self._engine.abandon()
         # Every rank speaks here: the exception may have hit any one of them.
         warnings.warn(
-            f"HPSGD (rank {self.global_rank}): training stopped with {type(exception).__name__} at optimizer step"
-            f" {self._optimizer_steps}."
+            f"HPSGD (rank {self.global_rank}): training stopped with {type(exception).__name__} after optimizer step"
+            f" {self._global_step()}."
             " Replicas were not flushed (a collective after an error can hang), so local progress since the last"
             " flush point is not in the global model. Resume from the last checkpoint.",
             stacklevel=2,

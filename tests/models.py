@@ -65,6 +65,7 @@ class Regressor(L.LightningModule):
         unfreeze_at_epoch: int | None = None,
         raise_at_step: int | None = None,
         log_sync_dist: bool = True,
+        step_every_other: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -121,6 +122,13 @@ class Regressor(L.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self(batch[0])
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        # Lightning's documented pattern for stepping only on some batches: global_step still counts every batch.
+        if self.hparams.step_every_other and batch_idx % 2 == 0:
+            optimizer_closure()
+            return
+        optimizer.step(closure=optimizer_closure)
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.launch import run_ranks
@@ -9,8 +10,10 @@ from tests.launch import run_ranks
 BASE = {"val": True, "max_epochs": 3, "num_batches": 6, "sync_every": 2}
 
 
-def test_epoch_end_checkpoint_resumes_exactly(tmp_path):
-    first = run_ranks("fit", tmp_path / "a", {**BASE, "checkpoint": {"every_n_epochs": 1}})
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
+def test_epoch_end_checkpoint_resumes_exactly(tmp_path, precision):
+    base = {**BASE, "precision": precision}
+    first = run_ranks("fit", tmp_path / "a", {**base, "checkpoint": {"every_n_epochs": 1}})
     ckpts = sorted((tmp_path / "a" / "ckpt").glob("*.ckpt"))
     assert [c.name for c in ckpts] == ["epoch=0-step=6.ckpt", "epoch=1-step=12.ckpt", "epoch=2-step=18.ckpt"]
 
@@ -20,6 +23,8 @@ def test_epoch_end_checkpoint_resumes_exactly(tmp_path):
     momentum = [s[0]["state"][0]["momentum_buffer"] for s in per_rank]
     assert not torch.equal(momentum[0], momentum[1]), "ranks saw different data, so momentum must differ"
     assert torch.equal(ckpt["optimizer_states"][0]["state"][0]["momentum_buffer"], momentum[0])
+    # A bf16 replica cannot hold G's fp32 bits, so the checkpoint carries G itself.
+    assert ("global" in ckpt["hpsgd"]) == (precision == "bf16-true")
 
     last = torch.load(ckpts[-1], weights_only=False)
     for name, value in first[0].result["final"].items():
@@ -28,7 +33,7 @@ def test_epoch_end_checkpoint_resumes_exactly(tmp_path):
     resumed = run_ranks(
         "fit",
         tmp_path / "b",
-        {**BASE, "checkpoint": {"every_n_epochs": 1, "dir": "ckpt_b"}, "resume_from": str(ckpts[0])},
+        {**base, "checkpoint": {"every_n_epochs": 1, "dir": "ckpt_b"}, "resume_from": str(ckpts[0])},
     )
     for a, b in zip(first, resumed):
         assert b.result["start_step"] == 6

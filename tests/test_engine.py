@@ -79,3 +79,26 @@ def test_ranks_out_of_step_are_detected(tmp_path):
     for r in results:
         assert r.result["error"].startswith("RanksOutOfStepError"), r.result["error"]
         assert "rank 1: sync point at step 99" in r.result["error"]
+
+
+def test_overflow_of_the_sum_on_an_fp16_wire_is_caught_before_the_merge(tmp_path):
+    results = run_ranks("engine", tmp_path, {"comm_dtype": "fp16", "big_change_at_step": 2, "steps": 5})
+    for r in results:
+        err = r.result["error"]
+        assert err.startswith("NonFiniteUpdateError"), err
+        assert "from the sum over ranks, which overflowed the torch.float16 wire" in err
+        assert "optimizer step 2" in err and "'w'" in err
+        assert torch.isfinite(r.result["global_"]).all()
+
+
+def test_fp16_wire_divides_before_the_sum(tmp_path):
+    """Each rank's change of 40000 fits fp16 after dividing by W; the mean (40000) reaches G intact."""
+    results = run_ranks("engine", tmp_path, {"comm_dtype": "fp16", "big_change_at_step": 2, "steps": 3, "big": 4e4})
+    assert all("error" not in r.result for r in results), results[0].result.get("error")
+    assert_conserved(results, atol=0.5, global_atol=0.5)  # fp16 keeps ~11 bits: 40000 rounds by up to 16
+
+
+def test_reentry_from_a_signal_handler_is_refused(tmp_path):
+    results = run_ranks("engine", tmp_path, {"reenter_at_step": 2, "steps": 4}, world_size=1)
+    err = results[0].result["error"]
+    assert err.startswith("HPSGDReentryError") and "signal handler" in err

@@ -90,7 +90,7 @@ def test_exception_on_one_rank_ends_every_rank_without_a_collective(tmp_path):
     results = failing_ranks(tmp_path, {"model_args": {"raise_at_step": 3}, "timeout_s": 60, "max_epochs": 3})
     raiser, survivor = results[1], results[0]
     assert "a bug in the user's training_step, on rank 1 only" in raiser.stderr
-    assert "HPSGD (rank 1): training stopped with RuntimeError at optimizer step 3" in raiser.stderr
+    assert "HPSGD (rank 1): training stopped with RuntimeError after optimizer step 3" in raiser.stderr
     # The survivor fails in whichever collective meets the closed connection first: an HPSGD round, or the
     # `self.log(..., sync_dist=True)` all-reduce of the next step.
     assert "HPSGDCommunicationError" in survivor.stderr or "Connection closed by peer" in survivor.stderr

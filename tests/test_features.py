@@ -122,3 +122,13 @@ def test_unfreezing_during_fit_brings_the_layer_into_the_average(tmp_path):
     results = fit(tmp_path, model_args={"frozen_first": True, "unfreeze_at_epoch": 1})
     assert_flushed_and_trained(results)  # ranks saw different data: without averaging, net.0 would differ
     assert not torch.equal(results[0]["final"]["net.0.weight"], results[0]["initial"]["net.0.weight"])
+
+
+def test_sync_points_follow_global_step_when_steps_are_skipped(tmp_path):
+    """A module that steps every other batch: global_step counts every batch, and so do sync points."""
+    results = fit(tmp_path, model_args={"step_every_other": True}, sync_every=2, val=False)
+    assert_flushed_and_trained(results)
+    taken = EPOCHS * BATCHES_PER_RANK // 2
+    assert results[0]["global_step"] == EPOCHS * BATCHES_PER_RANK
+    # Each real step lands on an even global step (2, 4, ...), so each one ends a round; plus the final flush.
+    assert results[0]["rounds"] == taken + 1

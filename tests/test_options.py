@@ -47,7 +47,7 @@ def test_registering_twice_is_harmless():
         ({"sync_every": 2.5}, "sync_every must be an integer >= 1"),
         ({"sync_every": True}, "sync_every must be an integer >= 1"),
         ({"merge": "average"}, "merge must be one of ['replica', 'stale']; received 'average'"),
-        ({"comm_dtype": "int8"}, "comm_dtype must be None (full precision), torch.bfloat16 or torch.float16"),
+        ({"comm_dtype": "int8"}, "comm_dtype must be None (full precision), torch.bfloat16, torch.float16 or"),
         ({"comm_dtype": torch.float64}, "received torch.float64"),
         ({"start_method": "thread"}, "start_method must be one of ['popen', 'spawn', 'fork', 'forkserver']"),
         ({"timeout": -1}, "timeout must be a positive timedelta or number of seconds"),

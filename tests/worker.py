@@ -185,6 +185,8 @@ def scenario_engine(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
                 change = torch.randn(t.shape, generator=gen, dtype=torch.float64) * 0.01
                 if args.get("nan_at_step") == step and rank == 1 and t is replica[1]:
                     change[2] = float("nan")
+                if args.get("big_change_at_step") == step and t is replica[0]:
+                    change[1, 1] = args.get("big", 7e4)  # 7e4: finite on every rank, but the sum overflows fp16
                 before = t.double().clone()
                 t.add_(change.to(t.dtype))
                 total.add_(t.double() - before)  # what the rank really changed, after its own rounding
@@ -192,6 +194,9 @@ def scenario_engine(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
                 engine.on_optimizer_step(99)
             engine.on_optimizer_step(step)
             history.append([t.clone() for t in replica])
+            if args.get("reenter_at_step") == step:
+                with engine._exclusive("sync point"):  # as if a signal handler interrupted a sync point
+                    engine.flush(step)
         engine.flush(step)
     except Exception as err:  # the test asserts the message; every rank must raise the same error
         out["error"] = f"{type(err).__name__}: {err}"
