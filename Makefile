@@ -23,8 +23,9 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check lightning_hpsgd tests recipes
 	$(VENV)/bin/ruff format --check lightning_hpsgd tests recipes
 
+# Trains the MNIST-1D recipe with HPSGD on 2 CPU processes (data generated locally), tests it, prints a table.
 demo: $(VENV)/.installed
-	$(PY) recipes/quickstart.py
+	$(PY) -m lightning_hpsgd.recipes.demo --config recipes/mnist1d.yaml --trainer.enable_progress_bar false
 
 bench: $(VENV)/.installed
 	$(PY) -m lightning_hpsgd.bench overlap

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_hpsgd.engine import HPSGDEngine, MergeMode, resolve_comm_dtype, validate_options
+from lightning_hpsgd.engine import EngineStats, HPSGDEngine, MergeMode, resolve_comm_dtype, validate_options
 from lightning_hpsgd.optim_state import gather_to_rank0, mean_of_states, to_cpu
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ class HPSGDStrategy(DDPStrategy):
         self.merge = merge
         self.comm_dtype = resolve_comm_dtype(comm_dtype)
         self._engine: HPSGDEngine | None = None
+        self._last_stats: EngineStats | None = None
         self._hpsgd_group: dist.ProcessGroup | None = None
         self._flush_callback: _FlushFirst | None = None
         self._object_group: dist.ProcessGroup | None = None
@@ -117,6 +118,11 @@ class HPSGDStrategy(DDPStrategy):
     def engine(self) -> HPSGDEngine | None:
         """The engine of the current fit, or ``None`` outside ``trainer.fit``."""
         return self._engine
+
+    @property
+    def stats(self) -> EngineStats | None:
+        """The engine's counters (rounds, flushes, wait): of the current fit, or of the last one after it ended."""
+        return self._engine.stats if self._engine is not None else self._last_stats
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -154,7 +160,9 @@ class HPSGDStrategy(DDPStrategy):
         if self._engine is not None and self._trainable != _trainable_flags(self.model):
             self.flush("trainable parameters changed")
             self._global_state = self._engine.global_state() if self._engine.replica_is_narrow else None
+            stats = self._engine.stats
             self._engine = self._build_engine()
+            self._engine.stats = stats
 
     @override
     def optimizer_step(
@@ -226,6 +234,8 @@ class HPSGDStrategy(DDPStrategy):
             self.flush("teardown")
         if self._engine is not None and self._engine.replica_is_narrow and not self._engine.aborted:
             self._global_state = self._engine.global_state()  # for `trainer.save_checkpoint` after fit
+        if self._engine is not None:
+            self._last_stats = self._engine.stats
         self._engine = None
         if self._flush_callback is not None and self.lightning_module is not None:
             trainer = self.lightning_module._trainer

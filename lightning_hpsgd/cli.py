@@ -1,0 +1,81 @@
+"""``hpsgd`` / ``python -m lightning_hpsgd``: LightningCLI with the HPSGD strategies registered.
+
+Everything LightningCLI does works: ``fit``, ``validate``, ``test``, ``predict``, ``--config``, ``--print_config``
+and dotted overrides. Importing this package first is what makes ``trainer.strategy: hpsgd`` valid by name.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from lightning.pytorch.cli import LightningCLI
+
+import lightning_hpsgd  # noqa: F401  (registers the strategy names before the Trainer is built)
+
+# Registry names whose init_args may follow on the command line: the name becomes its class_path form.
+_NAMED = {
+    "hpsgd": {"start_method": "popen", "merge": "replica"},
+    "hpsgd_spawn": {"start_method": "spawn", "merge": "replica"},
+    "hpsgd_fork": {"start_method": "fork", "merge": "replica"},
+    "hpsgd_notebook": {"start_method": "fork", "merge": "replica"},
+    "hpsgd_stale": {"start_method": "popen", "merge": "stale"},
+}
+
+
+def expand_strategy_names(args: Sequence[str]) -> list[str]:
+    """Rewrite ``--trainer.strategy hpsgd`` into its ``class_path`` form when strategy options follow it.
+
+    jsonargparse cannot attach ``--trainer.strategy.sync_every 4`` to a plain string, so
+    ``--trainer.strategy hpsgd --trainer.strategy.sync_every 4`` becomes
+    ``--trainer.strategy lightning_hpsgd.HPSGDStrategy --trainer.strategy.start_method popen ...
+    --trainer.strategy.sync_every 4``. Without strategy options after it, a name stays a name.
+    """
+    args = list(args)
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name = None
+        if arg == "--trainer.strategy" and i + 1 < len(args):
+            name, step = args[i + 1], 2
+        elif arg.startswith("--trainer.strategy="):
+            name, step = arg.split("=", 1)[1], 1
+        has_options = any(a.startswith("--trainer.strategy.") for a in args[i + 1 :])
+        if name in _NAMED and has_options:
+            out += ["--trainer.strategy", "lightning_hpsgd.HPSGDStrategy"]
+            for key, value in _NAMED[name].items():
+                out += [f"--trainer.strategy.{key}", value]
+            i += step
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+class HPSGDCLI(LightningCLI):
+    """LightningCLI whose ``args`` also accept ``--trainer.strategy hpsgd --trainer.strategy.<option> ...``.
+
+    Defaults differ from LightningCLI's in one way: the saved ``config.yaml`` may overwrite an earlier one, so a
+    recipe can be run twice in the same directory.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        if isinstance(kwargs.get("args"), (list, tuple)):
+            kwargs["args"] = expand_strategy_names(kwargs["args"])
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(*args, **kwargs)
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point of the ``hpsgd`` console script and of ``python -m lightning_hpsgd``."""
+    if args is None:
+        # Rewritten in place, so that Lightning's popen launcher re-runs the same (expanded) command per rank.
+        sys.argv[1:] = expand_strategy_names(sys.argv[1:])
+        HPSGDCLI()
+    else:
+        HPSGDCLI(args=list(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The `hpsgd` command line and the YAML recipes: parsing, overrides, fast_dev_run, offline errors, the demo."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_hpsgd import HPSGDStrategy
+from lightning_hpsgd.cli import HPSGDCLI, expand_strategy_names
+from tests.launch import ROOT, base_env
+
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+MNIST1D = str(ROOT / "recipes" / "mnist1d.yaml")
+
+
+def test_there_is_a_recipe_and_three_baselines_per_data_set():
+    names = {p.stem for p in RECIPES}
+    for recipe in ("mnist1d", "cifar10_resnet18"):
+        assert {recipe, f"{recipe}_ddp", f"{recipe}_localsgd", f"{recipe}_stale"} <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_prints_its_config(recipe, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        HPSGDCLI(args=["fit", "--config", str(recipe), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "class_path: lightning_hpsgd.recipes." in printed
+    assert "strategy:" in printed and "seed_everything: 0" in printed
+
+
+def test_expand_strategy_names():
+    assert expand_strategy_names(["fit", "--trainer.strategy", "hpsgd"]) == ["fit", "--trainer.strategy", "hpsgd"]
+    expanded = expand_strategy_names(["--trainer.strategy=hpsgd_stale", "--trainer.strategy.sync_every", "4"])
+    assert expanded == [
+        "--trainer.strategy", "lightning_hpsgd.HPSGDStrategy",
+        "--trainer.strategy.start_method", "popen",
+        "--trainer.strategy.merge", "stale",
+        "--trainer.strategy.sync_every", "4",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "strategy_args",
+    [
+        ["--trainer.strategy", "hpsgd_stale", "--trainer.strategy.sync_every", "4"],
+        ["--trainer.strategy", "lightning_hpsgd.HPSGDStrategy", "--trainer.strategy.sync_every", "4",
+         "--trainer.strategy.merge", "stale"],
+    ],
+    ids=["registered-name", "class-path"],
+)  # fmt: skip
+def test_strategy_options_on_the_command_line(strategy_args):
+    cli = HPSGDCLI(run=False, args=["--config", MNIST1D, "--trainer.devices", "2", *strategy_args])
+    strategy = cli.trainer.strategy
+    assert isinstance(strategy, HPSGDStrategy)
+    assert (strategy.sync_every, strategy.merge) == (4, "stale")
+
+
+def test_yaml_strategy_override_by_dotted_option():
+    cli = HPSGDCLI(run=False, args=["--config", MNIST1D, "--trainer.strategy.sync_every", "3"])
+    assert cli.trainer.strategy.sync_every == 3 and cli.trainer.strategy.merge == "replica"
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_hpsgd", *args],
+        cwd=cwd,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_runs_fast_dev_run_on_two_processes(recipe, tmp_path, tmp_path_factory):
+    args = ["fit", "--config", str(recipe), "--trainer.fast_dev_run", "true", "--trainer.accelerator", "cpu",
+            "--trainer.devices", "2"]  # fmt: skip
+    if recipe.stem.startswith("cifar10"):
+        args += ["--data.fake", "true", "--data.batch_size", "4", "--data.num_workers", "0", "--data.fake_size", "16"]
+    else:
+        args += ["--data.data_dir", str(tmp_path_factory.getbasetemp() / "mnist1d")]
+    done = run_cli(args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "Running in `fast_dev_run` mode" in done.stderr + done.stdout
+    if recipe.stem.startswith("cifar10"):
+        assert "training on SYNTHETIC data" in done.stderr
+
+
+def test_cifar10_offline_without_data_fails_at_once_and_says_where_to_put_it(tmp_path):
+    recipe = str(ROOT / "recipes" / "cifar10_resnet18.yaml")
+    done = run_cli(
+        ["fit", "--config", recipe, "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+         "--data.data_dir", str(tmp_path / "cifar")],
+        cwd=tmp_path,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert f"CIFAR-10 is not in {tmp_path / 'cifar' / 'cifar-10-batches-py'}" in done.stderr
+    assert "--data.fake true" in done.stderr
+
+
+@pytest.mark.slow
+def test_demo_reaches_the_mnist1d_paper_accuracy(tmp_path):
+    """`make demo`'s run: the MNIST-1D recipe with HPSGD on 2 processes must reach >= 94 % test accuracy."""
+    done = subprocess.run(
+        [sys.executable, "-m", "lightning_hpsgd.recipes.demo", "--config", MNIST1D,
+         "--trainer.enable_progress_bar", "false", "--data.data_dir", str(tmp_path / "mnist1d"),
+         "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
+         "--trainer.default_root_dir", str(tmp_path)],
+        cwd=tmp_path, env=base_env(), capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    accuracy = float(re.search(r"test accuracy\s+([0-9.]+)", done.stdout).group(1))
+    assert accuracy >= 0.94, done.stdout
+    assert re.search(r"HPSGD rounds\s+\d+", done.stdout) and "mean wait per round" in done.stdout
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "hpsgd"
+    done = subprocess.run([str(script), "fit", "--help"], env=base_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--trainer.strategy" in done.stdout and "--config" in done.stdout
