@@ -25,7 +25,7 @@ lint: $(VENV)/.installed
 
 # Trains the MNIST-1D recipe with HPSGD on 2 CPU processes (data generated locally), tests it, prints a table.
 demo: $(VENV)/.installed
-	$(PY) -m lightning_hpsgd.recipes.demo --config recipes/mnist1d.yaml --trainer.enable_progress_bar false
+	$(PY) -m lightning_hpsgd.recipes.demo --config recipes/mnist1d.yaml
 
 bench: $(VENV)/.installed
 	$(PY) -m lightning_hpsgd.bench overlap
