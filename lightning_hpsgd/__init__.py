@@ -13,6 +13,7 @@ from lightning_hpsgd.engine import (
     NonFiniteUpdateError,
     RanksOutOfStepError,
 )
+from lightning_hpsgd.monitor import HPSGDMonitor
 from lightning_hpsgd.strategy import HPSGDStrategy
 
 __version__ = "0.1.0"
@@ -21,6 +22,7 @@ __all__ = [
     "HPSGDCommunicationError",
     "HPSGDEngine",
     "HPSGDError",
+    "HPSGDMonitor",
     "HPSGDStrategy",
     "NonFiniteUpdateError",
     "RanksOutOfStepError",

@@ -95,6 +95,7 @@ class _Pending:
     is_flush: bool
     works: tuple[dist.Work, ...]
     launched_at: float
+    completed_at: float | None = None  # set by the backend's completion callback
 
 
 @dataclass
@@ -104,15 +105,28 @@ class EngineStats:
     Attributes:
         rounds: all-reduces merged (sync points and flushes).
         flushes: blocking all-reduces run by ``flush``.
-        wait_seconds: host seconds spent waiting for the pending all-reduce of a sync point (not counting flushes).
-        last_wait_seconds: the wait of the latest sync point.
+        overlapped_rounds: rounds merged at a sync point, i.e. launched at one sync point and merged at the next.
+            The sums below are over these rounds.
+        wait_seconds: host seconds the sync points spent waiting for the pending all-reduce.
+        comm_seconds: seconds from each launch to the backend's completion of the all-reduce.
+        staleness_steps: optimizer steps between each launch and its merge.
+        last_wait_seconds, last_comm_seconds, last_staleness_steps: the same, for the latest overlapped round.
+        last_drift: ``‖R − G‖ / ‖G‖`` just before the merge, at the latest sync point that measured it (see
+            :meth:`HPSGDEngine.request_drift`), or ``None``. A 0-d tensor on the engine's device, so reading it
+            is the only host sync it costs.
         bytes_per_round: payload bytes of one all-reduce, per rank.
     """
 
     rounds: int = 0
     flushes: int = 0
+    overlapped_rounds: int = 0
     wait_seconds: float = 0.0
+    comm_seconds: float = 0.0
+    staleness_steps: int = 0
     last_wait_seconds: float = 0.0
+    last_comm_seconds: float = 0.0
+    last_staleness_steps: int = 0
+    last_drift: Tensor | None = None
     bytes_per_round: int = 0
 
 
@@ -220,6 +234,7 @@ class HPSGDEngine:
         self._last_step: int | None = None
         self._steps_since_flush = 0
         self._busy = False
+        self._drift_requested = False
         self.aborted = False
         self.stats = EngineStats(bytes_per_round=self._wire.numel() * self._wire.element_size())
 
@@ -265,15 +280,18 @@ class HPSGDEngine:
         """Steps 1-5 of the rule: merge the pending average, rebase ``R`` and launch this round's all-reduce."""
         with self._exclusive("sync point"):
             self._compute_delta()
+            if self._drift_requested:
+                self._measure_drift()
+            pending = self.pending
             wait_seconds = self._merge_pending()
+            if pending is not None:
+                self._record_round(pending, step, wait_seconds)
             if self.merge == "replica":
                 torch.add(self.global_, self._delta, out=self.start)
             else:
                 self.start.copy_(self.global_)
             self._write_replica_from_start()
             self._launch(step, is_flush=False)
-        self.stats.last_wait_seconds = wait_seconds
-        self.stats.wait_seconds += wait_seconds
 
     @torch.no_grad()
     def flush(self, step: int) -> None:
@@ -293,6 +311,10 @@ class HPSGDEngine:
             self._write_replica_from_start()
         self._steps_since_flush = 0
         self.stats.flushes += 1
+
+    def request_drift(self) -> None:
+        """Measure ``‖R − G‖ / ‖G‖`` at the next sync point (two extra passes over the model, on that round only)."""
+        self._drift_requested = True
 
     def abandon(self) -> None:
         """Give up after an error: drop the pending all-reduce without waiting and refuse further collectives.
@@ -339,6 +361,25 @@ class HPSGDEngine:
         if self.replica_is_narrow:
             torch._foreach_copy_(self._start_views, self.replica)
 
+    def _measure_drift(self) -> None:
+        # S is free here (the sync point overwrites it next), so it holds R − G = S + Δ − G without an allocation.
+        self._drift_requested = False
+        self.start.add_(self._delta).sub_(self.global_)
+        self.stats.last_drift = torch.linalg.vector_norm(self.start) / torch.linalg.vector_norm(self.global_).clamp_min(
+            torch.finfo(self.layout.dtype).tiny
+        )
+
+    def _record_round(self, pending: _Pending, step: int, wait_seconds: float) -> None:
+        stats = self.stats
+        completed = pending.completed_at if pending.completed_at is not None else time.perf_counter()
+        stats.overlapped_rounds += 1
+        stats.last_wait_seconds = wait_seconds
+        stats.last_comm_seconds = max(0.0, completed - pending.launched_at)
+        stats.last_staleness_steps = step - pending.step
+        stats.wait_seconds += wait_seconds
+        stats.comm_seconds += stats.last_comm_seconds
+        stats.staleness_steps += stats.last_staleness_steps
+
     def _launch(self, step: int, is_flush: bool) -> None:
         if self.compressed:
             torch.mul(self._delta, 1.0 / self.world_size, out=self._wire)
@@ -362,7 +403,10 @@ class HPSGDEngine:
                 dist.all_reduce(self._wire, group=self.group, async_op=True),
                 dist.all_reduce(self._meta, group=self.group, async_op=True),
             )
-        self.pending = _Pending(step=step, is_flush=is_flush, works=works, launched_at=time.perf_counter())
+        pending = _Pending(step=step, is_flush=is_flush, works=works, launched_at=time.perf_counter())
+        if not is_flush:
+            works[0].get_future().add_done_callback(lambda _: setattr(pending, "completed_at", time.perf_counter()))
+        self.pending = pending
 
     def _merge_pending(self) -> float:
         """Wait for ``P`` and set ``G ← G + mean(P)``. Returns the host seconds spent waiting."""

@@ -33,6 +33,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_hpsgd.engine import EngineStats, HPSGDEngine, MergeMode, resolve_comm_dtype, validate_options
+from lightning_hpsgd.monitor import HPSGDMonitor
 from lightning_hpsgd.optim_state import gather_to_rank0, mean_of_states, to_cpu
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class HPSGDStrategy(DDPStrategy):
             number). Default: PyTorch's default process group timeout (30 minutes), as in DDP.
         start_method: ``"popen"`` (default; re-runs the script per rank), ``"spawn"``, ``"fork"`` or
             ``"forkserver"``, as in DDP.
+        monitor: add an :class:`~lightning_hpsgd.monitor.HPSGDMonitor` (``hpsgd/…`` metrics in every logger) during
+            fit unless the Trainer already has one (default ``True``).
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin: as in DDP; the
             ``Trainer`` sets them.
     """
@@ -80,6 +83,7 @@ class HPSGDStrategy(DDPStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | float | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        monitor: bool = True,
     ) -> None:
         validate_options(sync_every, merge)
         if start_method not in ("popen", "spawn", "fork", "forkserver"):
@@ -103,6 +107,8 @@ class HPSGDStrategy(DDPStrategy):
         self.sync_every = sync_every
         self.merge = merge
         self.comm_dtype = resolve_comm_dtype(comm_dtype)
+        self.monitor = monitor
+        self._added_callbacks: list[Callback] = []
         self._engine: HPSGDEngine | None = None
         self._last_stats: EngineStats | None = None
         self._hpsgd_group: dist.ProcessGroup | None = None
@@ -148,6 +154,10 @@ class HPSGDStrategy(DDPStrategy):
             self._abandoned = False
             self._flush_callback = _FlushFirst(self)
             trainer.callbacks.insert(0, self._flush_callback)
+            self._added_callbacks = [self._flush_callback]
+            if self.monitor and not any(isinstance(cb, HPSGDMonitor) for cb in trainer.callbacks):
+                self._added_callbacks.append(HPSGDMonitor())
+                trainer.callbacks.append(self._added_callbacks[-1])
         else:
             _sync_module_states(self.model)
         self.setup_precision_plugin()
@@ -237,10 +247,11 @@ class HPSGDStrategy(DDPStrategy):
         if self._engine is not None:
             self._last_stats = self._engine.stats
         self._engine = None
-        if self._flush_callback is not None and self.lightning_module is not None:
-            trainer = self.lightning_module._trainer
-            if trainer is not None and self._flush_callback in trainer.callbacks:
-                trainer.callbacks.remove(self._flush_callback)
+        trainer = self.lightning_module._trainer if self.lightning_module is not None else None
+        for callback in self._added_callbacks:
+            if trainer is not None and callback in trainer.callbacks:
+                trainer.callbacks.remove(callback)
+        self._added_callbacks = []
         self._flush_callback = None
         super().teardown()
 

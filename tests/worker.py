@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 
 import lightning_hpsgd  # noqa: F401  (registers the strategy names)
 from lightning_hpsgd import HPSGDStrategy
@@ -65,6 +66,7 @@ def build_trainer(args: dict[str, Any], outdir: Path, callbacks: list[Callback])
         comm_dtype=args.get("comm_dtype"),
         timeout=timedelta(seconds=args.get("timeout_s", 60)),
         process_group_backend=args.get("backend"),
+        monitor=args.get("monitor", True),
     )
     ckpt = args.get("checkpoint")
     if ckpt:
@@ -91,7 +93,8 @@ def build_trainer(args: dict[str, Any], outdir: Path, callbacks: list[Callback])
         use_distributed_sampler=not args.get("per_rank_data", False),
         limit_val_batches=args.get("limit_val_batches", 1.0),
         num_sanity_val_steps=0,
-        logger=False,
+        logger=CSVLogger(outdir / "logs", name="csv") if args.get("csv_logger") else False,
+        log_every_n_steps=args.get("log_every_n_steps", 50),
         enable_checkpointing=bool(ckpt),
         enable_progress_bar=False,
         enable_model_summary=False,

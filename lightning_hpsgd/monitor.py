@@ -1,0 +1,136 @@
+"""``HPSGDMonitor``: HPSGD's per-round statistics in every logger the Trainer has, under ``hpsgd/…``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lightning_hpsgd.engine import EngineStats
+
+
+class HPSGDMonitor(Callback):
+    """Logs what HPSGD does, every ``every_n_steps`` optimizer steps, to all of ``trainer.loggers``.
+
+    The figures are means over the rounds merged since the previous log:
+
+    * ``hpsgd/comm_ms``: from the launch of a round's all-reduce to its completion by the backend;
+    * ``hpsgd/wait_ms``: how long training blocked at the sync point (max over ranks);
+    * ``hpsgd/hidden``: the fraction of communication hidden behind compute, ``1 - wait / comm``;
+    * ``hpsgd/staleness``: optimizer steps between a round's launch and its merge;
+    * ``hpsgd/drift``: ``‖R − G‖ / ‖G‖`` just before the merge, at the latest sync point (max over ranks; measured on
+      one round per interval, two extra passes over the model);
+    * ``hpsgd/bytes``: payload bytes per round and rank; ``hpsgd/rounds``: rounds merged so far;
+    * ``hpsgd/step_ms``: wall time per optimizer step; ``hpsgd/samples_per_s``: samples per second over all ranks;
+    * ``time/wall_s``: seconds since the start of fit, an x-axis for accuracy at a fixed wall time.
+
+    Rank 0 writes; the cross-rank maxima cost one small all-reduce per log. Metrics go out the way Lightning's own
+    ``LearningRateMonitor`` sends its values, at the step of Lightning's other training metrics.
+    ``HPSGDStrategy`` adds a monitor by itself unless the Trainer has one or ``monitor=False``.
+
+    Args:
+        every_n_steps: optimizer steps between logs (default: the Trainer's ``log_every_n_steps``).
+        drift: whether to measure ``hpsgd/drift`` (default ``True``).
+    """
+
+    def __init__(self, every_n_steps: int | None = None, drift: bool = True) -> None:
+        if every_n_steps is not None and (isinstance(every_n_steps, bool) or every_n_steps < 1):
+            raise ValueError(f"every_n_steps must be None or an integer >= 1; received {every_n_steps!r}.")
+        self.every_n_steps = every_n_steps
+        self.drift = drift
+        self._fit_started = 0.0
+        self._last: tuple[int, float, float, int, int, float, int] | None = None
+        self._samples = 0
+        self._last_logged_step = -1
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_started = time.perf_counter()
+        self._samples = 0
+        self._last = None
+        self._last_logged_step = trainer.global_step
+        stats = _stats(trainer)
+        if stats is not None:
+            self._last = self._snapshot(stats, trainer.global_step)
+            if self.drift:
+                _engine(trainer).request_drift()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._samples += _batch_size(batch)
+        step = trainer.global_step
+        interval = self.every_n_steps or trainer.log_every_n_steps
+        stats = _stats(trainer)
+        if stats is None or self._last is None or step == self._last_logged_step or step % interval:
+            return
+        self._last_logged_step = step
+        metrics = self._metrics(trainer, stats, step)
+        if self.drift:
+            _engine(trainer).request_drift()
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+    def _metrics(self, trainer: L.Trainer, stats: EngineStats, step: int) -> dict[str, float]:
+        assert self._last is not None
+        now = time.perf_counter()
+        rounds0, wait0, comm0, stale0, step0, time0, samples0 = self._last
+        new_rounds = stats.overlapped_rounds - rounds0
+        rounds = max(1, new_rounds)
+        wait_ms = 1000 * (stats.wait_seconds - wait0) / rounds
+        comm_ms = 1000 * (stats.comm_seconds - comm0) / rounds
+        drift = float("nan") if stats.last_drift is None else float(stats.last_drift)
+        # One all-reduce for the two values that differ across ranks: the worst rank's wait and drift.
+        local = torch.tensor([wait_ms, drift], dtype=torch.float64, device=trainer.strategy.root_device)
+        worst = trainer.strategy.reduce(local, reduce_op="max")
+        wait_ms, drift = (float(v) for v in worst.cpu())
+        self._last = self._snapshot(stats, step, now)
+        elapsed = max(now - time0, 1e-9)
+        metrics = {
+            "hpsgd/bytes": float(stats.bytes_per_round),
+            "hpsgd/rounds": float(stats.rounds),
+            "hpsgd/step_ms": 1000 * elapsed / max(1, step - step0),
+            "hpsgd/samples_per_s": (self._samples - samples0) * trainer.world_size / elapsed,
+            "time/wall_s": now - self._fit_started,
+        }
+        if new_rounds:  # no round was merged yet in this interval: nothing to say about comm and wait
+            metrics["hpsgd/comm_ms"] = comm_ms
+            metrics["hpsgd/wait_ms"] = wait_ms
+            metrics["hpsgd/hidden"] = 1.0 - wait_ms / comm_ms if comm_ms > 0 else 1.0
+            metrics["hpsgd/staleness"] = (stats.staleness_steps - stale0) / rounds
+        if self.drift and stats.last_drift is not None:
+            metrics["hpsgd/drift"] = drift
+        return metrics
+
+    def _snapshot(
+        self, stats: EngineStats, step: int, now: float | None = None
+    ) -> tuple[int, float, float, int, int, float, int]:
+        now = time.perf_counter() if now is None else now
+        return (stats.overlapped_rounds, stats.wait_seconds, stats.comm_seconds, stats.staleness_steps, step, now,
+                self._samples)  # fmt: skip
+
+
+def _engine(trainer: L.Trainer):
+    return getattr(trainer.strategy, "engine", None)
+
+
+def _stats(trainer: L.Trainer) -> EngineStats | None:
+    engine = _engine(trainer)
+    return engine.stats if engine is not None else None
+
+
+def _batch_size(batch: Any) -> int:
+    """Samples in a batch: the first dimension of its first tensor (0 if it has none)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else 1
+    if isinstance(batch, (list, tuple)):
+        return _batch_size(batch[0]) if batch else 0
+    if isinstance(batch, dict):
+        return _batch_size(next(iter(batch.values()))) if batch else 0
+    return 0
