@@ -1,7 +1,8 @@
 """``hpsgd`` / ``python -m lightning_hpsgd``: LightningCLI with the HPSGD strategies registered.
 
 Everything LightningCLI does works: ``fit``, ``validate``, ``test``, ``predict``, ``--config``, ``--print_config``
-and dotted overrides. Importing this package first is what makes ``trainer.strategy: hpsgd`` valid by name.
+and dotted overrides. ``hpsgd plot RUN_DIR ...`` draws charts from CSV logs (:mod:`lightning_hpsgd.plot`).
+Importing this package first is what makes ``trainer.strategy: hpsgd`` valid by name.
 """
 
 from __future__ import annotations
@@ -69,6 +70,12 @@ class HPSGDCLI(LightningCLI):
 
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``hpsgd`` console script and of ``python -m lightning_hpsgd``."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["plot"]:
+        from lightning_hpsgd.plot import main as plot_main
+
+        plot_main(argv[1:])
+        return
     if args is None:
         # Rewritten in place, so that Lightning's popen launcher re-runs the same (expanded) command per rank.
         sys.argv[1:] = expand_strategy_names(sys.argv[1:])

@@ -28,6 +28,10 @@ class HPSGDMonitor(Callback):
     * ``hpsgd/step_ms``: wall time per optimizer step; ``hpsgd/samples_per_s``: samples per second over all ranks;
     * ``time/wall_s``: seconds since the start of fit, an x-axis for accuracy at a fixed wall time.
 
+    With another strategy (DDP, say) it logs only ``time/wall_s``, ``hpsgd/step_ms`` and ``hpsgd/samples_per_s``, so
+    baselines can be compared on the same wall-time axis. ``time/wall_s`` is also logged at the end of every
+    validation, at the step of the validation metrics.
+
     Rank 0 writes; the cross-rank maxima cost one small all-reduce per log. Metrics go out the way Lightning's own
     ``LearningRateMonitor`` sends its values, at the step of Lightning's other training metrics.
     ``HPSGDStrategy`` adds a monitor by itself unless the Trainer has one or ``monitor=False``.
@@ -54,10 +58,9 @@ class HPSGDMonitor(Callback):
         self._last = None
         self._last_logged_step = trainer.global_step
         stats = _stats(trainer)
-        if stats is not None:
-            self._last = self._snapshot(stats, trainer.global_step)
-            if self.drift:
-                _engine(trainer).request_drift()
+        self._last = self._snapshot(stats, trainer.global_step)
+        if stats is not None and self.drift:
+            _engine(trainer).request_drift()
 
     @override
     def on_train_batch_end(
@@ -66,21 +69,39 @@ class HPSGDMonitor(Callback):
         self._samples += _batch_size(batch)
         step = trainer.global_step
         interval = self.every_n_steps or trainer.log_every_n_steps
-        stats = _stats(trainer)
-        if stats is None or self._last is None or step == self._last_logged_step or step % interval:
+        if self._last is None or step == self._last_logged_step or step % interval:
             return
         self._last_logged_step = step
+        stats = _stats(trainer)
         metrics = self._metrics(trainer, stats, step)
-        if self.drift:
+        if stats is not None and self.drift:
             _engine(trainer).request_drift()
+        self._write(trainer, metrics)
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._write(trainer, {"time/wall_s": time.perf_counter() - self._fit_started})
+
+    @staticmethod
+    def _write(trainer: L.Trainer, metrics: dict[str, float]) -> None:
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
 
-    def _metrics(self, trainer: L.Trainer, stats: EngineStats, step: int) -> dict[str, float]:
+    def _metrics(self, trainer: L.Trainer, stats: EngineStats | None, step: int) -> dict[str, float]:
         assert self._last is not None
         now = time.perf_counter()
         rounds0, wait0, comm0, stale0, step0, time0, samples0 = self._last
+        elapsed = max(now - time0, 1e-9)
+        metrics = {
+            "hpsgd/step_ms": 1000 * elapsed / max(1, step - step0),
+            "hpsgd/samples_per_s": (self._samples - samples0) * trainer.world_size / elapsed,
+            "time/wall_s": now - self._fit_started,
+        }
+        self._last = self._snapshot(stats, step, now)
+        if stats is None:
+            return metrics
         new_rounds = stats.overlapped_rounds - rounds0
         rounds = max(1, new_rounds)
         wait_ms = 1000 * (stats.wait_seconds - wait0) / rounds
@@ -90,15 +111,8 @@ class HPSGDMonitor(Callback):
         local = torch.tensor([wait_ms, drift], dtype=torch.float64, device=trainer.strategy.root_device)
         worst = trainer.strategy.reduce(local, reduce_op="max")
         wait_ms, drift = (float(v) for v in worst.cpu())
-        self._last = self._snapshot(stats, step, now)
-        elapsed = max(now - time0, 1e-9)
-        metrics = {
-            "hpsgd/bytes": float(stats.bytes_per_round),
-            "hpsgd/rounds": float(stats.rounds),
-            "hpsgd/step_ms": 1000 * elapsed / max(1, step - step0),
-            "hpsgd/samples_per_s": (self._samples - samples0) * trainer.world_size / elapsed,
-            "time/wall_s": now - self._fit_started,
-        }
+        metrics["hpsgd/bytes"] = float(stats.bytes_per_round)
+        metrics["hpsgd/rounds"] = float(stats.rounds)
         if new_rounds:  # no round was merged yet in this interval: nothing to say about comm and wait
             metrics["hpsgd/comm_ms"] = comm_ms
             metrics["hpsgd/wait_ms"] = wait_ms
@@ -109,9 +123,11 @@ class HPSGDMonitor(Callback):
         return metrics
 
     def _snapshot(
-        self, stats: EngineStats, step: int, now: float | None = None
+        self, stats: EngineStats | None, step: int, now: float | None = None
     ) -> tuple[int, float, float, int, int, float, int]:
         now = time.perf_counter() if now is None else now
+        if stats is None:
+            return (0, 0.0, 0.0, 0, step, now, self._samples)
         return (stats.overlapped_rounds, stats.wait_seconds, stats.comm_seconds, stats.staleness_steps, step, now,
                 self._samples)  # fmt: skip
 

@@ -39,3 +39,30 @@ def test_monitor_can_be_turned_off(tmp_path):
     run_ranks("fit", tmp_path, {"csv_logger": True, "log_every_n_steps": 2, "monitor": False, "max_epochs": 1})
     rows = read_metrics(tmp_path)
     assert rows and not any(key.startswith("hpsgd/") for key in rows[0])
+
+
+def test_plot_command_charts_two_runs(tmp_path):
+    """`hpsgd plot` on two real CSV runs (replica and stale) writes three non-empty PNGs."""
+    import subprocess
+    import sys
+
+    from lightning_hpsgd.plot import load_run, wall_time_of
+    from tests.launch import ROOT, base_env
+
+    args = {"csv_logger": True, "log_every_n_steps": 2, "val": True, "max_epochs": 3}
+    for merge in ("replica", "stale"):
+        run_ranks("fit", tmp_path / merge, {**args, "merge": merge})
+    runs = [str(tmp_path / merge / "logs") for merge in ("replica", "stale")]
+    label, series = load_run(tmp_path / "replica" / "logs")
+    val_steps = [s for s, _ in series["val_loss"]]
+    assert len(val_steps) == 3 and all(t > 0 for t in wall_time_of(series, val_steps))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "lightning_hpsgd", "plot", *runs, "--out", str(tmp_path / "plots"),
+         "--metric", "val_loss", "--loss", "train_loss"],
+        cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("accuracy_vs_wall_time.png", "loss_vs_step.png", "wait_vs_comm.png"):
+        png = tmp_path / "plots" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, name
