@@ -112,7 +112,6 @@ class HPSGDStrategy(DDPStrategy):
         self._engine: HPSGDEngine | None = None
         self._last_stats: EngineStats | None = None
         self._hpsgd_group: dist.ProcessGroup | None = None
-        self._flush_callback: _FlushFirst | None = None
         self._object_group: dist.ProcessGroup | None = None
         self._trainable: tuple[bool, ...] = ()
         self._abandoned = False
@@ -152,9 +151,9 @@ class HPSGDStrategy(DDPStrategy):
             _reject_sharded_optimizers(self.optimizers)
             self._engine = self._build_engine()
             self._abandoned = False
-            self._flush_callback = _FlushFirst(self)
-            trainer.callbacks.insert(0, self._flush_callback)
-            self._added_callbacks = [self._flush_callback]
+            flush_first = _FlushFirst(self)
+            trainer.callbacks.insert(0, flush_first)
+            self._added_callbacks = [flush_first]
             if self.monitor and not any(isinstance(cb, HPSGDMonitor) for cb in trainer.callbacks):
                 self._added_callbacks.append(HPSGDMonitor())
                 trainer.callbacks.append(self._added_callbacks[-1])
@@ -252,7 +251,6 @@ class HPSGDStrategy(DDPStrategy):
             if trainer is not None and callback in trainer.callbacks:
                 trainer.callbacks.remove(callback)
         self._added_callbacks = []
-        self._flush_callback = None
         super().teardown()
 
     @classmethod
