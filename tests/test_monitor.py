@@ -66,3 +66,17 @@ def test_plot_command_charts_two_runs(tmp_path):
     for name in ("accuracy_vs_wall_time.png", "loss_vs_step.png", "wait_vs_comm.png"):
         png = tmp_path / "plots" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, name
+
+
+def test_monitor_writes_hpsgd_scalars_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_ranks("fit", tmp_path, {"tb_logger": True, "log_every_n_steps": 2, "sync_every": 2, "max_epochs": 1})
+    (events,) = (tmp_path / "logs" / "tb").glob("version_*/events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"hpsgd/comm_ms", "hpsgd/wait_ms", "hpsgd/hidden", "hpsgd/drift", "time/wall_s"} <= tags, tags
+    comm = [e.value for e in accumulator.Scalars("hpsgd/comm_ms")]
+    assert comm and all(v > 0 for v in comm)
+    assert {e.value for e in accumulator.Scalars("hpsgd/staleness")} == {2.0}

@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 import lightning_hpsgd  # noqa: F401  (registers the strategy names)
 from lightning_hpsgd import HPSGDStrategy
@@ -59,6 +59,16 @@ def env_rank() -> int:
     return int(os.environ.get("NODE_RANK", 0)) * devices + int(os.environ.get("LOCAL_RANK", 0))
 
 
+def loggers(args: dict[str, Any], outdir: Path) -> list[Any] | bool:
+    """The loggers a test asked for: CSV under OUTDIR/logs/csv, TensorBoard under OUTDIR/logs/tb."""
+    chosen: list[Any] = []
+    if args.get("csv_logger"):
+        chosen.append(CSVLogger(outdir / "logs", name="csv"))
+    if args.get("tb_logger"):
+        chosen.append(TensorBoardLogger(outdir / "logs", name="tb"))
+    return chosen or False
+
+
 def build_trainer(args: dict[str, Any], outdir: Path, callbacks: list[Callback]) -> L.Trainer:
     strategy = HPSGDStrategy(
         sync_every=args.get("sync_every", 1),
@@ -93,7 +103,7 @@ def build_trainer(args: dict[str, Any], outdir: Path, callbacks: list[Callback])
         use_distributed_sampler=not args.get("per_rank_data", False),
         limit_val_batches=args.get("limit_val_batches", 1.0),
         num_sanity_val_steps=0,
-        logger=CSVLogger(outdir / "logs", name="csv") if args.get("csv_logger") else False,
+        logger=loggers(args, outdir),
         log_every_n_steps=args.get("log_every_n_steps", 50),
         enable_checkpointing=bool(ckpt),
         enable_progress_bar=False,
