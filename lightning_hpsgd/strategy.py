@@ -347,10 +347,9 @@ class HPSGDStrategy(DDPStrategy):
         return state
 
     def _abandon(self, exception: BaseException) -> None:
-        if self._engine is None or self._engine.aborted:
-            self._abandoned = True
-            return
         self._abandoned = True
+        if self._engine is None or self._engine.aborted:
+            return
         self._engine.abandon()
         # Every rank speaks here: the exception may have hit any one of them.
         warnings.warn(
