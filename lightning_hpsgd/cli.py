@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 import lightning_hpsgd  # noqa: F401  (registers the strategy names before the Trainer is built)
@@ -82,6 +83,10 @@ def main(args: Sequence[str] | None = None) -> None:
         HPSGDCLI()
     else:
         HPSGDCLI(args=list(args))
+    if args is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # The command ends here: end the process group as PyTorch asks, so that no collective's resources are
+        # freed by gloo's threads during interpreter shutdown (which aborts the process).
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Literal
 
@@ -95,7 +95,15 @@ class _Pending:
     is_flush: bool
     works: tuple[dist.Work, ...]
     launched_at: float
-    completed_at: float | None = None  # set by the backend's completion callback
+    # Set by the backend's completion callback. A one-element list, so that the callback holds only this list: a
+    # callback that held the ``_Pending`` (and so the works) would make a reference cycle through C++ that Python
+    # never frees, and gloo's threads would then destroy the work, and its tensors, during interpreter shutdown:
+    # the process aborts at exit ("terminate called without an active exception").
+    completion: list[float] = field(default_factory=list)
+
+    @property
+    def completed_at(self) -> float | None:
+        return self.completion[0] if self.completion else None
 
 
 @dataclass
@@ -405,7 +413,8 @@ class HPSGDEngine:
             )
         pending = _Pending(step=step, is_flush=is_flush, works=works, launched_at=time.perf_counter())
         if not is_flush:
-            works[0].get_future().add_done_callback(lambda _: setattr(pending, "completed_at", time.perf_counter()))
+            completion = pending.completion
+            works[0].get_future().add_done_callback(lambda _: completion.append(time.perf_counter()))
         self.pending = pending
 
     def _merge_pending(self) -> float:

@@ -6,6 +6,7 @@ teardown → flush. The maths lives in :mod:`lightning_hpsgd.engine`.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import warnings
 from collections.abc import Callable
@@ -37,6 +38,29 @@ from lightning_hpsgd.monitor import HPSGDMonitor
 from lightning_hpsgd.optim_state import gather_to_rank0, mean_of_states, to_cpu
 
 log = logging.getLogger(__name__)
+
+# The process groups this module created and whose collectives all completed, destroyed at interpreter exit.
+_OWN_GROUPS: dict[int, dist.ProcessGroup] = {}
+
+
+@atexit.register
+def _destroy_own_groups() -> None:
+    """Destroy HPSGD's own process groups while the interpreter is still whole.
+
+    Otherwise gloo's worker threads can release a finished all-reduce (and its tensors) during interpreter shutdown,
+    when they can no longer take the GIL, and the process aborts at exit ("terminate called without an active
+    exception") although training succeeded. Groups with abandoned work are left to the OS: destroying them would
+    wait for the stuck collective.
+    """
+    groups = list(_OWN_GROUPS.values())
+    _OWN_GROUPS.clear()
+    for group in groups:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group(group)
+            except (RuntimeError, ValueError) as err:  # already destroyed with the default group
+                log.debug("HPSGD: could not destroy its process group at exit: %s", err)
+
 
 CHECKPOINT_KEY = "hpsgd"
 
@@ -298,6 +322,9 @@ class HPSGDStrategy(DDPStrategy):
             # Checkpoint state is gathered as pickled CPU objects: over gloo, never through rank 0's GPU memory.
             cpu_backend = self.process_group_backend == "gloo"
             self._object_group = None if cpu_backend else dist.new_group(backend="gloo", timeout=self._timeout)
+            for group in (self._hpsgd_group, self._object_group):
+                if group is not None:
+                    _OWN_GROUPS[id(group)] = group
         names, replica, extra = [], [], []
         for name, param in self.model.named_parameters():
             if param.requires_grad:
@@ -348,6 +375,8 @@ class HPSGDStrategy(DDPStrategy):
 
     def _abandon(self, exception: BaseException) -> None:
         self._abandoned = True
+        for group in (self._hpsgd_group, self._object_group):
+            _OWN_GROUPS.pop(id(group), None)
         if self._engine is None or self._engine.aborted:
             return
         self._engine.abandon()

@@ -233,6 +233,10 @@ def main() -> None:
     torch.set_num_threads(1)
     result = SCENARIOS[scenario](outdir, args)
     torch.save(result, outdir / f"rank{result['rank']}.pt")
+    if torch.distributed.is_initialized():
+        # As PyTorch asks of every script: otherwise gloo may free finished work during interpreter shutdown and
+        # abort the process. This destroys every group, the strategy's own ones too.
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -4,11 +4,31 @@ Each rank saves its model at the end of fit (after HPSGD's flush) to ``OUTDIR/ra
 the parent process saves what it got back to ``OUTDIR/parent.pt``.
 """
 
+import atexit
+import json
 import sys
 from pathlib import Path
 
 import lightning as L
 import torch
+import torch.distributed as dist
+
+AT_EXIT: dict = {}
+
+
+@atexit.register  # before lightning_hpsgd registers its own: atexit runs this one after it
+def _record_group_state_at_exit() -> None:
+    """Record whether HPSGD destroyed its own process group at exit (the script leaves the default group alone)."""
+    if "group" not in AT_EXIT:
+        return
+    try:
+        dist.get_backend(AT_EXIT["group"])
+        destroyed = False
+    except (ValueError, RuntimeError):
+        destroyed = True
+    record = {"hpsgd_group_destroyed": destroyed, "default_group_alive": dist.is_initialized()}
+    Path(AT_EXIT["path"]).write_text(json.dumps(record))
+
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -53,6 +73,8 @@ def main() -> None:
         enable_model_summary=False,
     )
     trainer.fit(module, loader(make_batches(12, 8, seed=3)))
+    if dist.is_initialized():
+        AT_EXIT.update(group=trainer.strategy._hpsgd_group, path=str(Path(outdir) / f"exit{trainer.global_rank}.json"))
     if strategy in ("hpsgd_spawn", "hpsgd_fork", "hpsgd_notebook"):
         torch.save({k: v.detach().clone() for k, v in module.state_dict().items()}, Path(outdir) / "parent.pt")
 
