@@ -1,11 +1,13 @@
 """lightning-hpsgd: Hierarchical Parallel SGD as a PyTorch Lightning strategy.
 
 Importing the package registers the strategy names ``"hpsgd"``, ``"hpsgd_spawn"``, ``"hpsgd_fork"``,
-``"hpsgd_notebook"`` and ``"hpsgd_stale"`` with Lightning, so ``Trainer(strategy="hpsgd")`` works.
+``"hpsgd_notebook"`` and ``"hpsgd_stale"`` with Lightning, so ``Trainer(strategy="hpsgd")`` works, and the baseline
+``"localsgd"`` (:class:`~lightning_hpsgd.baselines.PostLocalSGDStrategy`, PyTorch's post-local SGD, period 4).
 """
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_hpsgd.baselines import PostLocalSGDStrategy
 from lightning_hpsgd.engine import (
     HPSGDCommunicationError,
     HPSGDEngine,
@@ -25,8 +27,15 @@ __all__ = [
     "HPSGDMonitor",
     "HPSGDStrategy",
     "NonFiniteUpdateError",
+    "PostLocalSGDStrategy",
     "RanksOutOfStepError",
 ]
 
 # Registration is idempotent (override=True): children of the popen launcher import this module again.
 HPSGDStrategy.register_strategies(StrategyRegistry)
+StrategyRegistry.register(
+    "localsgd",
+    PostLocalSGDStrategy,
+    description="PyTorch's post-local SGD (model averaging every 4 steps after 8 DDP steps), on every device",
+    override=True,
+)

@@ -1,7 +1,8 @@
 """``hpsgd`` / ``python -m lightning_hpsgd``: LightningCLI with the HPSGD strategies registered.
 
 Everything LightningCLI does works: ``fit``, ``validate``, ``test``, ``predict``, ``--config``, ``--print_config``
-and dotted overrides. ``hpsgd plot RUN_DIR ...`` draws charts from CSV logs (:mod:`lightning_hpsgd.plot`).
+and dotted overrides. ``hpsgd plot RUN_DIR ...`` draws charts from CSV logs (:mod:`lightning_hpsgd.plot`), and
+``hpsgd dashboard --entity E`` creates the W&B comparison workspace (:mod:`lightning_hpsgd.wandb`).
 Importing this package first is what makes ``trainer.strategy: hpsgd`` valid by name.
 """
 
@@ -14,6 +15,7 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 
 import lightning_hpsgd  # noqa: F401  (registers the strategy names before the Trainer is built)
+from lightning_hpsgd.wandb import dashboard_main, offline_unless_logged_in
 
 # Registry names whose init_args may follow on the command line: the name becomes its class_path form.
 _NAMED = {
@@ -58,11 +60,13 @@ def expand_strategy_names(args: Sequence[str]) -> list[str]:
 class HPSGDCLI(LightningCLI):
     """LightningCLI whose ``args`` also accept ``--trainer.strategy hpsgd --trainer.strategy.<option> ...``.
 
-    Defaults differ from LightningCLI's in one way: the saved ``config.yaml`` may overwrite an earlier one, so a
-    recipe can be run twice in the same directory.
+    Defaults differ from LightningCLI's in two ways: the saved ``config.yaml`` may overwrite an earlier one, so a
+    recipe can be run twice in the same directory; and without a W&B API key (and no ``WANDB_MODE``) W&B runs are
+    written offline (:func:`lightning_hpsgd.wandb.offline_unless_logged_in`).
     """
 
     def __init__(self, *args, **kwargs) -> None:
+        offline_unless_logged_in()
         if isinstance(kwargs.get("args"), (list, tuple)):
             kwargs["args"] = expand_strategy_names(kwargs["args"])
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -76,6 +80,9 @@ def main(args: Sequence[str] | None = None) -> None:
         from lightning_hpsgd.plot import main as plot_main
 
         plot_main(argv[1:])
+        return
+    if argv[:1] == ["dashboard"]:
+        dashboard_main(argv[1:])
         return
     if args is None:
         # Rewritten in place, so that Lightning's popen launcher re-runs the same (expanded) command per rank.

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_hpsgd.engine import EngineStats
+from lightning_hpsgd.wandb import define_wall_time_axis
 
 
 class HPSGDMonitor(Callback):
@@ -30,7 +36,11 @@ class HPSGDMonitor(Callback):
 
     With another strategy (DDP, say) it logs only ``time/wall_s``, ``hpsgd/step_ms`` and ``hpsgd/samples_per_s``, so
     baselines can be compared on the same wall-time axis. ``time/wall_s`` is also logged at the end of every
-    validation, at the step of the validation metrics.
+    validation, at the step of the validation metrics and just before them.
+
+    At the start of fit it adds the strategy to every logger's run config (``strategy.name``, ``strategy.sync_every``,
+    ..., see :func:`describe_strategy`), and makes ``time/wall_s`` an x-axis of every metric in W&B
+    (:func:`lightning_hpsgd.wandb.define_wall_time_axis`).
 
     Rank 0 writes; the cross-rank maxima cost one small all-reduce per log. Metrics go out the way Lightning's own
     ``LearningRateMonitor`` sends its values, at the step of Lightning's other training metrics.
@@ -50,6 +60,20 @@ class HPSGDMonitor(Callback):
         self._last: tuple[int, float, float, int, int, float, int] | None = None
         self._samples = 0
         self._last_logged_step = -1
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        config = {"strategy": describe_strategy(trainer)}
+        for logger in trainer.loggers:
+            logger.log_hyperparams(config)
+            if isinstance(logger, WandbLogger):
+                run = logger.experiment
+                define_wall_time_axis(run)
+                if os.environ.get("WANDB_MODE") in ("offline", "dryrun"):
+                    run_dir = Path(run.dir).parent
+                    rank_zero_info(f"W&B is offline: the run is in {run_dir}; upload it with `wandb sync {run_dir}`.")
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -79,7 +103,8 @@ class HPSGDMonitor(Callback):
         self._write(trainer, metrics)
 
     @override
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Before Lightning logs the epoch's validation metrics: W&B copies this value into their row (step_sync).
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
             self._write(trainer, {"time/wall_s": time.perf_counter() - self._fit_started})
 
@@ -130,6 +155,29 @@ class HPSGDMonitor(Callback):
             return (0, 0.0, 0.0, 0, step, now, self._samples)
         return (stats.overlapped_rounds, stats.wait_seconds, stats.comm_seconds, stats.staleness_steps, step, now,
                 self._samples)  # fmt: skip
+
+
+def describe_strategy(trainer: L.Trainer) -> dict[str, Any]:
+    """The strategy's name and options, and the world it runs on, as a run config: ``{"name": "hpsgd", ...}``.
+
+    ``HPSGDStrategy`` gives its own options; Lightning's DDP is named ``ddp``, or ``localsgd`` with post-local SGD
+    model averaging (and its period).
+    """
+    strategy = trainer.strategy
+    out: dict[str, Any] = {"name": type(strategy).__name__}
+    hyperparameters = getattr(strategy, "hyperparameters", None)
+    if isinstance(hyperparameters, dict):
+        out.update(hyperparameters)
+    elif isinstance(strategy, DDPStrategy):
+        period = getattr(strategy, "_model_averaging_period", None)
+        out["name"] = "ddp" if period is None else "localsgd"
+        if period is not None:
+            out["model_averaging_period"] = period
+        out["process_group_backend"] = strategy.process_group_backend
+    elif isinstance(strategy, SingleDeviceStrategy):
+        out["name"] = "single_device"
+    out.update(world_size=trainer.world_size, num_nodes=trainer.num_nodes, devices_per_node=trainer.num_devices)
+    return out
 
 
 def _engine(trainer: L.Trainer):

@@ -149,6 +149,18 @@ class HPSGDStrategy(DDPStrategy):
         return self._engine
 
     @property
+    def hyperparameters(self) -> dict[str, Any]:
+        """The options that define this run's algorithm, for loggers' run configs (``HPSGDMonitor`` logs them)."""
+        return {
+            "name": "hpsgd" if self.merge == "replica" else "hpsgd_stale",
+            "sync_every": self.sync_every,
+            "merge": self.merge,
+            "comm_dtype": None if self.comm_dtype is None else str(self.comm_dtype).removeprefix("torch."),
+            "process_group_backend": self.process_group_backend,
+            "timeout_s": self._timeout.total_seconds() if self._timeout is not None else None,
+        }
+
+    @property
     def stats(self) -> EngineStats | None:
         """The engine's counters (rounds, flushes, wait): of the current fit, or of the last one after it ended."""
         return self._engine.stats if self._engine is not None else self._last_stats

@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 import lightning_hpsgd  # noqa: F401  (registers the strategy names)
 from lightning_hpsgd import HPSGDStrategy
@@ -27,8 +27,13 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 class Recorder(Callback):
     """Records what the tests assert: parameters at start and end of fit, and the engine's counters."""
 
-    def __init__(self) -> None:
+    def __init__(self, every_step: bool = False) -> None:
         self.record: dict[str, Any] = {}
+        self.every_step = every_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.every_step:
+            self.record.setdefault("by_step", {})[trainer.global_step] = snapshot(pl_module)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.record.setdefault("initial", snapshot(pl_module))
@@ -44,7 +49,9 @@ class Recorder(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.record["final"] = snapshot(pl_module)
         self.record["global_step"] = trainer.global_step
-        engine = trainer.strategy.engine
+        engine = getattr(trainer.strategy, "engine", None)
+        if engine is None:  # a baseline strategy
+            return
         self.record["rounds"] = engine.stats.rounds
         self.record["flushes"] = engine.stats.flushes
         self.record["pending_at_end"] = engine.pending is not None
@@ -60,8 +67,14 @@ def env_rank() -> int:
 
 
 def loggers(args: dict[str, Any], outdir: Path) -> list[Any] | bool:
-    """The loggers a test asked for: CSV under OUTDIR/logs/csv, TensorBoard under OUTDIR/logs/tb."""
+    """The loggers a test asked for: CSV under OUTDIR/logs/csv, TensorBoard under OUTDIR/logs/tb, W&B under
+    OUTDIR/logs/wandb (offline unless an API key is configured, as the ``hpsgd`` command decides)."""
     chosen: list[Any] = []
+    if args.get("wandb_logger"):
+        from lightning_hpsgd.wandb import offline_unless_logged_in
+
+        offline_unless_logged_in()
+        chosen.append(WandbLogger(save_dir=outdir / "logs", project="tests", group="regressor", job_type="hpsgd"))
     if args.get("csv_logger"):
         chosen.append(CSVLogger(outdir / "logs", name="csv"))
     if args.get("tb_logger"):
@@ -134,7 +147,7 @@ def scenario_fit(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
         module.setup = lambda stage: setattr(  # type: ignore[method-assign]
             module, "net", torch.nn.parallel.DistributedDataParallel(module.net)
         )
-    recorder = Recorder()
+    recorder = Recorder(every_step=args.get("record_every_step", False))
     trainer = build_trainer(args, outdir, [recorder])
     val = loader(make_batches(2, 8, seed=99)) if args.get("val") else None
     with warnings.catch_warnings(record=True) as caught:

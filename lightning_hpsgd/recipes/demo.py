@@ -8,6 +8,8 @@ from __future__ import annotations
 import sys
 import time
 
+import torch
+
 from lightning_hpsgd.cli import HPSGDCLI, expand_strategy_names
 from lightning_hpsgd.strategy import HPSGDStrategy
 
@@ -15,6 +17,14 @@ from lightning_hpsgd.strategy import HPSGDStrategy
 def main() -> None:
     # Lightning's popen launcher re-runs this module with the same arguments on every other rank.
     cli = HPSGDCLI(run=False, args=expand_strategy_names(sys.argv[1:]))
+    try:
+        _train_and_report(cli)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # as PyTorch asks; gloo may abort at exit otherwise
+
+
+def _train_and_report(cli: HPSGDCLI) -> None:
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     started = time.perf_counter()
     trainer.fit(model, datamodule=data)
