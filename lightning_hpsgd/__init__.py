@@ -14,6 +14,7 @@ from lightning_hpsgd.engine import (
     HPSGDError,
     NonFiniteUpdateError,
     RanksOutOfStepError,
+    StopRequest,
 )
 from lightning_hpsgd.monitor import HPSGDMonitor
 from lightning_hpsgd.strategy import HPSGDStrategy
@@ -29,6 +30,7 @@ __all__ = [
     "NonFiniteUpdateError",
     "PostLocalSGDStrategy",
     "RanksOutOfStepError",
+    "StopRequest",
 ]
 
 # Registration is idempotent (override=True): children of the popen launcher import this module again.

@@ -9,6 +9,7 @@ hook on CPU as well.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook
@@ -39,7 +40,11 @@ class PostLocalSGDStrategy(DDPStrategy):
     """
 
     def __init__(
-        self, model_averaging_period: int = 4, warmup_steps: int = 8, local_group_size: int | None = 1, **kwargs
+        self,
+        model_averaging_period: int = 4,
+        warmup_steps: int = 8,
+        local_group_size: int | None = 1,
+        **kwargs: Any,
     ) -> None:
         if model_averaging_period < 1 or warmup_steps < 0 or (local_group_size is not None and local_group_size < 1):
             raise ValueError(

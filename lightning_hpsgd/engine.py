@@ -5,6 +5,7 @@ This module imports only torch and torch.distributed, so it can be used (and tes
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -85,6 +86,18 @@ def validate_options(sync_every: object, merge: object) -> None:
         raise ValueError(f"sync_every must be an integer >= 1 (optimizer steps per round); received {sync_every!r}.")
     if merge not in MERGE_MODES:
         raise ValueError(f"merge must be one of {list(MERGE_MODES)}; received {merge!r}.")
+
+
+# The side channel: 4 fields of W slots (step code high bits, low bits, non-finite flag, stop request).
+_META_FIELDS = 4
+_CODE_BITS = 12  # each half of a step code stays below 2**24, exact in fp32
+
+
+class StopRequest(enum.IntFlag):
+    """Why ranks should stop, carried in each round's side channel so that every rank stops at the same step."""
+
+    ABORT = 1  # stop now (SIGTERM): Lightning's SIGTERMException
+    FINISH = 2  # end training cleanly after this step (a time limit)
 
 
 @dataclass
@@ -230,12 +243,21 @@ class HPSGDEngine:
         self.global_ = self.layout.new_buffer()
         self.start = self.layout.new_buffer()
         self._start_views = self.layout.views(self.start)
-        self._delta = self.layout.new_buffer()
-        self._delta_views = self.layout.views(self._delta)
-        self._wire = self.layout.new_buffer(self.comm_dtype)
-        self._wire_views = self.layout.views(self._wire)
-        # Side channel, summed across ranks: [0, W) each rank's step code, [W, 2W) each rank's non-finite flag.
-        self._meta = torch.zeros(2 * self.world_size, dtype=torch.int64, device=self.device)
+        self._global_views = self.layout.views(self.global_)
+        # Three flat buffers in all: G, S (which holds Δ during a sync point) and the wire. A full-precision wire
+        # also carries the side channel in a tail of 4W values (exact integers in fp32/fp64), so a round is a single
+        # all-reduce; a compressed one cannot hold them exactly, and sends them in a separate int64 all-reduce.
+        self._packed = not self.compressed
+        tail = _META_FIELDS * self.world_size if self._packed else 0
+        self._wire = torch.zeros(self.layout.numel + tail, dtype=self.comm_dtype, device=self.device)
+        self._payload = self._wire[: self.layout.numel]
+        # Side channel, summed across ranks, each rank writing only its own slot of each field: the step code (in
+        # two 12-bit halves, exact in fp32), the non-finite flag and the stop request.
+        self._meta = (
+            self._wire[self.layout.numel :]
+            if self._packed
+            else torch.zeros(_META_FIELDS * self.world_size, dtype=torch.int64, device=self.device)
+        )
         self._comm_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
         self.pending: _Pending | None = None
         self._abandoned: _Pending | None = None
@@ -244,7 +266,10 @@ class HPSGDEngine:
         self._busy = False
         self._drift_requested = False
         self.aborted = False
-        self.stats = EngineStats(bytes_per_round=self._wire.numel() * self._wire.element_size())
+        # Set at the merge that carried any rank's stop request: every rank learns it at the same merge.
+        self.stop_requested = StopRequest(0)
+        self._stop_to_send = StopRequest(0)
+        self.stats = EngineStats(bytes_per_round=self._payload.numel() * self._payload.element_size())
 
         with torch.no_grad():
             torch._foreach_copy_(self._start_views, self.replica)
@@ -264,6 +289,20 @@ class HPSGDEngine:
     def needs_flush(self) -> bool:
         """Whether a round is in flight or an optimizer step was taken since the last flush (this rank's view)."""
         return self.pending is not None or self._steps_since_flush > 0
+
+    def request_stop(self, reason: StopRequest = StopRequest.ABORT) -> None:
+        """Ask every rank to stop: sent with this rank's next round or flush; see :attr:`stop_requested`.
+
+        No collective of its own, so it is safe from a signal handler. Every rank sees the union of all ranks'
+        requests in ``stop_requested`` after the same merge, up to two rounds later (the launch at the next sync
+        point, then its merge).
+        """
+        self._stop_to_send |= reason
+
+    @property
+    def stop_sent(self) -> StopRequest:
+        """The stop requests this rank has made (:meth:`request_stop`)."""
+        return self._stop_to_send
 
     def on_optimizer_step(self, step: int) -> bool:
         """Record that optimizer step number ``step`` (1-based, as ``trainer.global_step`` counts) was taken.
@@ -287,19 +326,19 @@ class HPSGDEngine:
     def sync_point(self, step: int) -> None:
         """Steps 1-5 of the rule: merge the pending average, rebase ``R`` and launch this round's all-reduce."""
         with self._exclusive("sync point"):
-            self._compute_delta()
             if self._drift_requested:
                 self._measure_drift()
+            self._delta_into_start()
             pending = self.pending
             wait_seconds = self._merge_pending()
             if pending is not None:
                 self._record_round(pending, step, wait_seconds)
+            self._launch(step, is_flush=False)  # the wire takes Δ from S; S is free again
             if self.merge == "replica":
-                torch.add(self.global_, self._delta, out=self.start)
+                self.start.add_(self.global_)  # S ← G + Δ
             else:
                 self.start.copy_(self.global_)
             self._write_replica_from_start()
-            self._launch(step, is_flush=False)
 
     @torch.no_grad()
     def flush(self, step: int) -> None:
@@ -311,7 +350,7 @@ class HPSGDEngine:
         forward passes) are averaged too.
         """
         with self._exclusive("flush"):
-            self._compute_delta()
+            self._delta_into_start()
             self._merge_pending()
             self._launch(step, is_flush=True)
             self._merge_pending()
@@ -360,9 +399,10 @@ class HPSGDEngine:
 
     # ------------------------------------------------------------------ the rule's steps
 
-    def _compute_delta(self) -> None:
-        torch._foreach_copy_(self._delta_views, self.replica)
-        self._delta.sub_(self.start)
+    def _delta_into_start(self) -> None:
+        """``S ← R − S``: until the launch copies it to the wire, S holds this round's Δ."""
+        self.start.neg_()
+        torch._foreach_add_(self._start_views, self.replica)
 
     def _write_replica_from_start(self) -> None:
         torch._foreach_copy_(self.replica, self._start_views)
@@ -370,10 +410,12 @@ class HPSGDEngine:
             torch._foreach_copy_(self._start_views, self.replica)
 
     def _measure_drift(self) -> None:
-        # S is free here (the sync point overwrites it next), so it holds R − G = S + Δ − G without an allocation.
+        # One tensor at a time, so the scratch is the largest tensor, not a flat copy of the model.
         self._drift_requested = False
-        self.start.add_(self._delta).sub_(self.global_)
-        self.stats.last_drift = torch.linalg.vector_norm(self.start) / torch.linalg.vector_norm(self.global_).clamp_min(
+        squares = torch.zeros((), dtype=self.layout.dtype, device=self.device)
+        for replica, global_ in zip(self.replica, self._global_views):
+            squares += torch.sub(replica, global_).square().sum(dtype=self.layout.dtype)
+        self.stats.last_drift = squares.sqrt() / torch.linalg.vector_norm(self.global_).clamp_min(
             torch.finfo(self.layout.dtype).tiny
         )
 
@@ -389,17 +431,18 @@ class HPSGDEngine:
         stats.staleness_steps += stats.last_staleness_steps
 
     def _launch(self, step: int, is_flush: bool) -> None:
+        """Put S's Δ (or Δ / W on a compressed wire) and this rank's side channel on the wire; start the all-reduce."""
         if self.compressed:
-            torch.mul(self._delta, 1.0 / self.world_size, out=self._wire)
+            torch.mul(self.start, 1.0 / self.world_size, out=self._payload)
         else:
-            # Double buffering: the freshly computed Δ goes on the wire, and the merged wire becomes scratch.
-            self._delta, self._wire = self._wire, self._delta
-            self._delta_views, self._wire_views = self._wire_views, self._delta_views
+            self._payload.copy_(self.start)
+        code = 2 * step + int(is_flush)
+        w, r = self.world_size, self.rank
         self._meta.zero_()
-        self._meta[self.rank] = 2 * step + int(is_flush)
-        self._meta[self.world_size + self.rank] = torch.logical_not(
-            torch.isfinite(self._wire.sum(dtype=self.layout.dtype))
-        )
+        self._meta[r] = code >> _CODE_BITS
+        self._meta[w + r] = code & ((1 << _CODE_BITS) - 1)
+        self._meta[3 * w + r] = int(self._stop_to_send)
+        self._meta[2 * w + r] = torch.logical_not(torch.isfinite(self._payload.sum(dtype=self.layout.dtype)))
         stream_ctx = nullcontext()
         if self._comm_stream is not None:
             # Wire and side channel were written on the compute stream: the side stream starts after that work,
@@ -407,10 +450,9 @@ class HPSGDEngine:
             self._comm_stream.wait_stream(torch.cuda.current_stream(self.device))
             stream_ctx = torch.cuda.stream(self._comm_stream)
         with stream_ctx:
-            works = (
-                dist.all_reduce(self._wire, group=self.group, async_op=True),
-                dist.all_reduce(self._meta, group=self.group, async_op=True),
-            )
+            works: tuple[dist.Work, ...] = (dist.all_reduce(self._wire, group=self.group, async_op=True),)
+            if not self._packed:
+                works += (dist.all_reduce(self._meta, group=self.group, async_op=True),)
         pending = _Pending(step=step, is_flush=is_flush, works=works, launched_at=time.perf_counter())
         if not is_flush:
             completion = pending.completion
@@ -434,10 +476,10 @@ class HPSGDEngine:
             if self._comm_stream is not None:
                 torch.cuda.current_stream(self.device).wait_stream(self._comm_stream)
             waited = time.perf_counter() - started
-            meta = self._meta.tolist()
+            meta = [int(v) for v in self._meta.tolist()]
             # A narrow wire can overflow in the sum although every rank's part was finite; a full-precision one
             # (fp32 range or wider) cannot in practice, so it skips this extra pass.
-            reduced_finite = not self.compressed or bool(torch.isfinite(self._wire.sum(dtype=self.layout.dtype)))
+            reduced_finite = not self.compressed or bool(torch.isfinite(self._payload.sum(dtype=self.layout.dtype)))
         except RuntimeError as err:
             self.aborted = True
             raise HPSGDCommunicationError(
@@ -446,14 +488,15 @@ class HPSGDEngine:
                 " its network. Check the other ranks' logs; resume from the last checkpoint."
             ) from err
         self._check_meta(meta, reduced_finite, pending)
-        self.global_.add_(self._wire, alpha=self._merge_scale)
+        self.global_.add_(self._payload, alpha=self._merge_scale)
         self.stats.rounds += 1
         return waited
 
     # ------------------------------------------------------------------ checks
 
     def _check_meta(self, meta: list[int], reduced_finite: bool, pending: _Pending) -> None:
-        codes = meta[: self.world_size]
+        w = self.world_size
+        codes = [(high << _CODE_BITS) + low for high, low in zip(meta[:w], meta[w : 2 * w])]
         if len(set(codes)) != 1:
             self.aborted = True
             seen = ", ".join(
@@ -464,10 +507,12 @@ class HPSGDEngine:
                 " number of optimizer steps: with manual optimization, call `optimizer.step()` under the same"
                 " conditions on every rank, and give every rank the same number of batches."
             )
-        bad_ranks = [r for r, flag in enumerate(meta[self.world_size :]) if flag]
+        for flags in meta[3 * w : 4 * w]:
+            self.stop_requested |= StopRequest(flags)
+        bad_ranks = [r for r, flag in enumerate(meta[2 * w : 3 * w]) if flag]
         if bad_ranks or not reduced_finite:
             self.aborted = True
-            bad = (~torch.isfinite(self._wire)).nonzero()
+            bad = (~torch.isfinite(self._payload)).nonzero()
             where = self.names[self.layout.index_of(int(bad[0]))] if bad.numel() else "(unknown)"
             kind = "round" if not pending.is_flush else "flush"
             source = (

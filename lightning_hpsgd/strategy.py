@@ -7,6 +7,7 @@ teardown → flush. The maths lives in :mod:`lightning_hpsgd.engine`.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import warnings
 from collections.abc import Callable
@@ -22,18 +23,27 @@ from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.nn import Module
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_hpsgd.engine import EngineStats, HPSGDEngine, MergeMode, resolve_comm_dtype, validate_options
+from lightning_hpsgd.engine import (
+    EngineStats,
+    HPSGDEngine,
+    MergeMode,
+    StopRequest,
+    resolve_comm_dtype,
+    validate_options,
+)
 from lightning_hpsgd.monitor import HPSGDMonitor
 from lightning_hpsgd.optim_state import gather_to_rank0, mean_of_states, to_cpu
 
@@ -88,8 +98,11 @@ class HPSGDStrategy(DDPStrategy):
             ``"forkserver"``, as in DDP.
         monitor: add an :class:`~lightning_hpsgd.monitor.HPSGDMonitor` (``hpsgd/…`` metrics in every logger) during
             fit unless the Trainer already has one (default ``True``).
-        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin: as in DDP; the
-            ``Trainer`` sets them.
+        accelerator: as in DDP; the ``Trainer`` sets it.
+        parallel_devices: as in DDP; the ``Trainer`` sets it.
+        cluster_environment: as in DDP; the ``Trainer`` sets it.
+        checkpoint_io: as in DDP; the ``Trainer`` sets it.
+        precision_plugin: as in DDP; the ``Trainer`` sets it.
     """
 
     strategy_name = "hpsgd"
@@ -139,6 +152,7 @@ class HPSGDStrategy(DDPStrategy):
         self._object_group: dist.ProcessGroup | None = None
         self._trainable: tuple[bool, ...] = ()
         self._abandoned = False
+        self._patched: list[tuple[object, str]] = []  # (object, attribute) whose instance override teardown removes
         # G of a narrow (bf16/fp16) replica keeps bits the model cannot hold; carried across checkpoints and
         # engine rebuilds so that a resume continues exactly.
         self._global_state: dict[str, torch.Tensor] | None = None
@@ -193,6 +207,7 @@ class HPSGDStrategy(DDPStrategy):
             if self.monitor and not any(isinstance(cb, HPSGDMonitor) for cb in trainer.callbacks):
                 self._added_callbacks.append(HPSGDMonitor())
                 trainer.callbacks.append(self._added_callbacks[-1])
+            self._replace_per_batch_collectives(trainer)
         else:
             _sync_module_states(self.model)
         self.setup_precision_plugin()
@@ -205,9 +220,11 @@ class HPSGDStrategy(DDPStrategy):
         if self._engine is not None and self._trainable != _trainable_flags(self.model):
             self.flush("trainable parameters changed")
             self._global_state = self._engine.global_state() if self._engine.replica_is_narrow else None
-            stats = self._engine.stats
+            previous = self._engine
             self._engine = self._build_engine()
-            self._engine.stats = stats
+            self._engine.stats = previous.stats
+            self._engine.stop_requested = previous.stop_requested
+            self._engine.request_stop(previous.stop_sent)
 
     @override
     def optimizer_step(
@@ -287,6 +304,9 @@ class HPSGDStrategy(DDPStrategy):
             if trainer is not None and callback in trainer.callbacks:
                 trainer.callbacks.remove(callback)
         self._added_callbacks = []
+        for owner, name in self._patched:
+            owner.__dict__.pop(name, None)
+        self._patched = []
         super().teardown()
 
     @classmethod
@@ -321,6 +341,69 @@ class HPSGDStrategy(DDPStrategy):
         step = self._global_step()
         self._engine.flush(step)
         log.debug(f"{self.__class__.__name__}: flushed at step {step} ({reason})")
+
+    def _replace_per_batch_collectives(self, trainer: Trainer) -> None:
+        """Carry SIGTERM and the time limit in HPSGD's side channel instead of a collective at every batch.
+
+        Lightning 2.6's training loop broadcasts a SIGTERM flag from rank 0 before every batch, and its ``Timer``
+        (``max_time``) broadcasts rank 0's verdict after every batch: blocking collectives per step, which make
+        every rank wait for the others and, on a slow link, queue behind HPSGD's all-reduce, undoing the overlap.
+        Lightning's SIGTERM handler also broadcasts. Here the handler only records the request (and, as
+        Lightning's does, passes SIGTERM to the launcher's children); the next round carries it, and at its merge
+        every rank raises ``SIGTERMException`` before the same batch. The time limit works the same way.
+        """
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
+            epoch_loop._broadcast_sigterm_tensor = self._stop_if_requested
+            self._patched.append((epoch_loop, "_broadcast_sigterm_tensor"))
+        connector = trainer._signal_connector
+        if hasattr(connector, "_sigterm_notifier_fn"):  # registered after setup, so this instance attribute is used
+            connector._sigterm_notifier_fn = self._on_sigterm
+            self._patched.append((connector, "_sigterm_notifier_fn"))
+        for callback in trainer.callbacks:
+            if isinstance(callback, Timer) and hasattr(callback, "_check_time_remaining"):
+                callback._check_time_remaining = functools.partial(self._check_time_remaining, callback)
+                self._patched.append((callback, "_check_time_remaining"))
+
+    def _check_time_remaining(self, timer: Timer, trainer: Trainer) -> None:
+        """``Trainer(max_time=...)``: the time limit agreed in the side channel, not by a broadcast every batch.
+
+        Lightning's ``Timer`` broadcasts rank 0's verdict after every batch, a blocking collective. Here each rank
+        checks its own clock, and a rank past the limit asks the others through the next round; every rank then
+        stops after the same step, up to two rounds past the limit.
+        """
+        engine = self._engine
+        if engine is None or engine.aborted:
+            Timer._check_time_remaining(timer, trainer)
+            return
+        if timer._duration is not None and timer.time_elapsed() >= timer._duration:
+            engine.request_stop(StopRequest.FINISH)
+        if engine.stop_requested & StopRequest.FINISH and not trainer.should_stop:
+            trainer.should_stop = True
+            if timer._verbose:
+                elapsed = timedelta(seconds=int(timer.time_elapsed()))
+                rank_zero_info(f"Time limit reached. Elapsed time is {elapsed}. Signaling Trainer to stop.")
+
+    def _on_sigterm(self, signum: Any, frame: Any) -> None:
+        log.info(f"HPSGD (rank {self.global_rank}): received SIGTERM; every rank stops at the next merge")
+        engine = self._engine
+        if engine is None or engine.aborted:
+            # No round left to carry it: stop here, as Lightning does.
+            self.lightning_module.trainer._signal_connector.received_sigterm = True
+            return
+        if not engine.stop_sent & StopRequest.ABORT and self.launcher is not None:
+            self.launcher.kill(signum)
+        engine.request_stop(StopRequest.ABORT)
+
+    def _stop_if_requested(self) -> None:
+        if self._engine is not None and self._engine.stop_requested & StopRequest.ABORT:
+            trainer = self.lightning_module.trainer
+            log.warning(
+                f"HPSGD (rank {self.global_rank}): a rank received SIGTERM; every rank stops after optimizer step"
+                f" {trainer.global_step}."
+            )
+            trainer._signal_connector.received_sigterm = True
+            raise SIGTERMException()
 
     def _global_step(self) -> int:
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None

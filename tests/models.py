@@ -64,6 +64,8 @@ class Regressor(L.LightningModule):
         hang_at_step: int | None = None,
         unfreeze_at_epoch: int | None = None,
         raise_at_step: int | None = None,
+        sigterm_at_step: int | None = None,
+        step_sleep_s: float = 0.0,
         log_sync_dist: bool = True,
         step_every_other: bool = False,
     ) -> None:
@@ -94,6 +96,15 @@ class Regressor(L.LightningModule):
             os._exit(17)
         if hp.raise_at_step is not None and self.global_step == hp.raise_at_step and self.global_rank == 1:
             raise RuntimeError("a bug in the user's training_step, on rank 1 only")
+        if hp.sigterm_at_step is not None and self.global_step == hp.sigterm_at_step and self.global_rank == 1:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler preempting this one process
+        if hp.step_sleep_s:
+            import time
+
+            time.sleep(hp.step_sleep_s)
         if hp.hang_at_step is not None and self.global_step == hp.hang_at_step and self.global_rank == 1:
             import time
 

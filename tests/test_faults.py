@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -95,3 +96,19 @@ def test_exception_on_one_rank_ends_every_rank_without_a_collective(tmp_path):
     # `self.log(..., sync_dist=True)` all-reduce of the next step.
     assert "HPSGDCommunicationError" in survivor.stderr or "Connection closed by peer" in survivor.stderr
     assert survivor.seconds is not None and survivor.seconds < 40  # well inside the 60 s timeout
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """SIGTERM to one rank travels in HPSGD's side channel (no per-batch broadcast): all stop together, quickly."""
+    args = {"num_batches": 6, "model_args": {"sigterm_at_step": 3}, "timeout_s": 60, "max_epochs": 3}
+    results = run_ranks("fit", tmp_path, args, check=False)
+    steps = set()
+    for r in results:
+        # Lightning's SIGTERMException is a SystemExit: fit ends early on every rank, before the worker's results.
+        assert r.result is None and "HPSGDCommunicationError" not in r.stderr, r.stderr[-3000:]
+        match = re.search(r"a rank received SIGTERM; every rank stops after optimizer step (\d+)", r.stderr)
+        assert match, r.stderr[-3000:]
+        steps.add(int(match.group(1)))
+        assert r.seconds is not None and r.seconds < 40  # not a timeout
+    # Signalled during step 4 (global_step 3): sent with that step's round, merged at step 5, stop before step 6.
+    assert steps == {5}

@@ -132,3 +132,15 @@ def test_sync_points_follow_global_step_when_steps_are_skipped(tmp_path):
     assert results[0]["global_step"] == EPOCHS * BATCHES_PER_RANK
     # Each real step lands on an even global step (2, 4, ...), so each one ends a round; plus the final flush.
     assert results[0]["rounds"] == taken + 1
+
+
+def test_max_time_and_sigterm_need_no_collective_per_batch(tmp_path):
+    """Lightning broadcasts a SIGTERM flag before every batch and Timer's verdict after it; HPSGD carries both in
+    its rounds' side channel, so training runs without a per-batch collective and still stops on the same step."""
+    args = {"max_time_s": 2, "num_batches": 400, "max_epochs": 1, "count_broadcasts": True, "sync_every": 2,
+            "model_args": {"step_sleep_s": 0.01}}  # fmt: skip
+    results = fit(tmp_path, **args)
+    steps = {r["global_step"] for r in results}
+    assert len(steps) == 1 and 50 < steps.pop() < 400  # the time limit ended fit early, on the same step everywhere
+    for r in results:
+        assert r["broadcasts_during_training"] < 5, r["broadcasts_during_training"]

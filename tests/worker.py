@@ -60,6 +60,30 @@ class Recorder(Callback):
         self.record["param_dtypes"] = {n: p.dtype for n, p in pl_module.named_parameters()}
 
 
+class BroadcastCounter(Callback):
+    """Counts the broadcasts (tensor or object) made by anyone between the start and the end of training."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.count = 0
+        self.active = False
+        for name in ("broadcast", "broadcast_object_list"):
+            original = getattr(dist, name)
+
+            def counted(*a: Any, _original: Any = original, **k: Any) -> Any:
+                self.count += self.active
+                return _original(*a, **k)
+
+            setattr(dist, name, counted)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.active = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.active = False
+
+
 def env_rank() -> int:
     """The global rank that tests.launch assigned through Lightning's plain environment variables."""
     devices = int(os.environ.get("HPSGD_TEST_DEVICES", 1))
@@ -111,6 +135,7 @@ def build_trainer(args: dict[str, Any], outdir: Path, callbacks: list[Callback])
         precision=args.get("precision", "32-true"),
         max_epochs=args.get("max_epochs", 1),
         max_steps=args.get("max_steps", -1),
+        max_time={"seconds": args["max_time_s"]} if args.get("max_time_s") else None,
         accumulate_grad_batches=args.get("accumulate", 1),
         gradient_clip_val=args.get("clip"),
         use_distributed_sampler=not args.get("per_rank_data", False),
@@ -148,7 +173,8 @@ def scenario_fit(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
             module, "net", torch.nn.parallel.DistributedDataParallel(module.net)
         )
     recorder = Recorder(every_step=args.get("record_every_step", False))
-    trainer = build_trainer(args, outdir, [recorder])
+    broadcasts = BroadcastCounter() if args.get("count_broadcasts") else None
+    trainer = build_trainer(args, outdir, [recorder] + ([broadcasts] if broadcasts else []))
     val = loader(make_batches(2, 8, seed=99)) if args.get("val") else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -158,6 +184,8 @@ def scenario_fit(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
             for w in caught:  # recorded warnings are not printed; show them (tests read stderr on failure)
                 print(f"warning: {w.message}", file=sys.stderr)
     out = dict(recorder.record)
+    if broadcasts is not None:
+        out["broadcasts_during_training"] = broadcasts.count
     out["warnings"] = [str(w.message) for w in caught]
     out["rank"] = trainer.global_rank
     out["world_size"] = trainer.world_size

@@ -1,0 +1,231 @@
+"""One worker of a benchmark run: ``python -m lightning_hpsgd.bench.worker SPEC_JSON``.
+
+The orchestrator (:mod:`lightning_hpsgd.bench.compare`) starts one per network namespace, as a Lightning "node"
+(``num_nodes=N``, ``devices=1``, with ``MASTER_ADDR``, ``NODE_RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` set), so gloo
+traffic crosses the throttled link. ``compute-only`` workers train at the same time with no process group at all.
+Each writes its measurements to ``SPEC["out"]`` as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STRATEGIES = ("ddp", "localsgd", "hpsgd", "hpsgd_h4", "hpsgd_stale", "compute-only")
+
+
+def make_strategy(name: str, timeout_s: float, monitor: bool = False) -> Any:
+    """The Lightning strategy a benchmark name stands for (``compute-only`` has none: it trains alone)."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lightning_hpsgd import HPSGDStrategy
+    from lightning_hpsgd.baselines import PostLocalSGDStrategy
+
+    timeout = timedelta(seconds=timeout_s)
+    if name == "ddp":
+        return DDPStrategy(process_group_backend="gloo", timeout=timeout)
+    if name == "localsgd":
+        return PostLocalSGDStrategy(model_averaging_period=4, warmup_steps=8, process_group_backend="gloo",
+                                    timeout=timeout)  # fmt: skip
+    hpsgd = {"hpsgd": {}, "hpsgd_h4": {"sync_every": 4}, "hpsgd_stale": {"merge": "stale"}}
+    if name in hpsgd:
+        return HPSGDStrategy(process_group_backend="gloo", timeout=timeout, monitor=monitor, **hpsgd[name])
+    if name == "compute-only":
+        return "auto"
+    raise ValueError(f"Unknown benchmark strategy {name!r}; choose from {list(STRATEGIES)}.")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_model(spec: dict[str, Any]):
+    from lightning_hpsgd.recipes import MNIST1DClassifier
+
+    return MNIST1DClassifier(channels=spec["channels"], lr=spec.get("lr", 0.01))
+
+
+def build_data(spec: dict[str, Any]):
+    from lightning_hpsgd.recipes import MNIST1DDataModule
+
+    return MNIST1DDataModule(data_dir=spec["data_dir"], batch_size=spec["batch_size"])
+
+
+def train(spec: dict[str, Any]) -> dict[str, Any]:
+    """Fit for ``max_steps`` (or until ``max_time_s``), validating every ``val_every`` steps; then validate."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import CSVLogger
+
+    class StepClock(Callback):
+        """Wall time between consecutive optimizer steps, validation excluded; validation accuracy on that clock."""
+
+        def __init__(self, skip: int) -> None:
+            self.skip = skip
+            self.last: float | None = None
+            self.intervals: list[float] = []
+            self.train_seconds = 0.0
+            self.curve: list[tuple[float, int, float]] = []
+            self.state_bytes: int | None = None
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            # The flat buffers HPSGD keeps beside the model (G, S, the wire), before teardown drops the engine.
+            engine = getattr(trainer.strategy, "engine", None)
+            if engine is not None:
+                buffers = (engine.global_, engine.start, engine._wire)
+                self.state_bytes = sum(t.numel() * t.element_size() for t in buffers)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if self.last is None:
+                self.last = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            now = time.perf_counter()
+            if self.last is not None:
+                self.train_seconds += now - self.last
+                if trainer.global_step > self.skip:
+                    self.intervals.append(now - self.last)
+            self.last = now
+
+        def on_validation_start(self, trainer, pl_module) -> None:
+            self.last = None  # the next interval starts after validation
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            if trainer.state.fn == "fit" and not trainer.sanity_checking:
+                acc = float(trainer.callback_metrics["val/acc"])
+                self.curve.append((self.train_seconds, trainer.global_step, acc))
+
+    torch.set_num_threads(1)
+    L.seed_everything(spec.get("seed", 0), verbose=False)
+    distributed = spec["strategy"] != "compute-only"
+    model, data = build_model(spec), build_data(spec)
+    data.prepare_data()
+    if not distributed:
+        shard_training_set(data, rank=spec["rank"], world=spec["workers"])
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    clock = StepClock(skip=spec.get("skip_steps", 5))
+    val_every = spec.get("val_every")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        num_nodes=spec["workers"] if distributed else 1,
+        strategy=make_strategy(spec["strategy"], spec.get("timeout_s", 120), monitor=spec.get("monitor", False)),
+        max_steps=spec["max_steps"],
+        max_time={"seconds": spec["max_time_s"]} if spec.get("max_time_s") else None,
+        val_check_interval=val_every if val_every else None,
+        check_val_every_n_epoch=None if val_every else 10**6,
+        num_sanity_val_steps=0,
+        logger=CSVLogger(spec["csv_dir"]) if spec.get("csv_dir") else False,
+        log_every_n_steps=spec.get("log_every_n_steps", 50),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clock],
+    )
+    rss_before = rss_mb()
+    started = time.perf_counter()
+    trainer.fit(model, datamodule=data)
+    fit_seconds = time.perf_counter() - started
+    peak = peak_rss_mb()
+    stats = getattr(trainer.strategy, "stats", None)
+    (final,) = trainer.validate(model, datamodule=data, verbose=False)
+    return {
+        "strategy": spec["strategy"],
+        "rank": trainer.global_rank if distributed else spec["rank"],
+        "steps": trainer.global_step,
+        "step_times_s": clock.intervals,
+        "median_step_s": statistics.median(clock.intervals) if clock.intervals else float("nan"),
+        "train_seconds": clock.train_seconds,
+        "fit_seconds": fit_seconds,
+        "curve": clock.curve,
+        "val_acc": float(final["val/acc"]),
+        "wait_seconds": stats.wait_seconds if stats is not None else None,
+        "rounds": stats.rounds if stats is not None else None,
+        "rss_before_fit_mb": rss_before,
+        "peak_rss_mb": peak,
+        "param_bytes": param_bytes,
+        "hpsgd_state_bytes": clock.state_bytes,
+    }
+
+
+def shard_training_set(data: Any, rank: int, world: int) -> None:
+    """Give a worker with no process group the share of the training set that DistributedSampler would give it."""
+    from torch.utils.data import DataLoader, Subset
+
+    original = data.train_dataloader
+
+    def train_dataloader() -> DataLoader:
+        loader = original()
+        n = len(loader.dataset)
+        indices = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()[rank:n:world]
+        return DataLoader(Subset(loader.dataset, indices), batch_size=loader.batch_size, shuffle=True)
+
+    data.train_dataloader = train_dataloader
+
+
+def calibrate(spec: dict[str, Any]) -> dict[str, Any]:
+    """Median compute time of one training step (no communication), then of one all-reduce of the model's size."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    out: dict[str, Any] = {"rank": int(os.environ.get("NODE_RANK", 0))}
+    model = build_model(spec)
+    numel = sum(p.numel() for p in model.parameters())
+    out["param_bytes"] = numel * 4
+    if spec.get("measure_compute", True):
+        data = build_data(spec)
+        data.prepare_data()
+        data.setup("fit")
+        x, y = next(iter(data.train_dataloader()))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        times = []
+        for _ in range(spec.get("compute_steps", 30)):
+            started = time.perf_counter()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            times.append(time.perf_counter() - started)
+        out["step_s"] = statistics.median(times[5:])
+    dist.init_process_group("gloo", timeout=timedelta(seconds=spec.get("timeout_s", 120)))
+    buffer = torch.ones(numel)
+    times = []
+    for _ in range(spec.get("allreduce_repeats", 10)):
+        dist.barrier()
+        started = time.perf_counter()
+        dist.all_reduce(buffer)
+        times.append(time.perf_counter() - started)
+    out["allreduce_s"] = statistics.median(times[1:])
+    dist.destroy_process_group()
+    return out
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    result = calibrate(spec) if spec.get("mode") == "calibrate" else train(spec)
+    Path(spec["out"]).write_text(json.dumps(result))
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
