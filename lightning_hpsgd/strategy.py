@@ -51,16 +51,20 @@ log = logging.getLogger(__name__)
 
 # The process groups this module created and whose collectives all completed, destroyed at interpreter exit.
 _OWN_GROUPS: dict[int, dist.ProcessGroup] = {}
+# Whether the default group was created for an HPSGD run (by Lightning, in setup_environment) and that run did
+# not end in an error: then it is destroyed at exit too, as PyTorch asks of every script and Lightning does not.
+_DEFAULT_GROUP = {"destroy_at_exit": False}
 
 
 @atexit.register
 def _destroy_own_groups() -> None:
-    """Destroy HPSGD's own process groups while the interpreter is still whole.
+    """Destroy HPSGD's process groups while the interpreter is still whole.
 
     Otherwise gloo's worker threads can release a finished all-reduce (and its tensors) during interpreter shutdown,
     when they can no longer take the GIL, and the process aborts at exit ("terminate called without an active
     exception") although training succeeded. Groups with abandoned work are left to the OS: destroying them would
-    wait for the stuck collective.
+    wait for the stuck collective. A default group that Lightning created for an HPSGD run that ended without an
+    error goes too; one the user created is the user's.
     """
     groups = list(_OWN_GROUPS.values())
     _OWN_GROUPS.clear()
@@ -70,6 +74,9 @@ def _destroy_own_groups() -> None:
                 dist.destroy_process_group(group)
             except (RuntimeError, ValueError) as err:  # already destroyed with the default group
                 log.debug("HPSGD: could not destroy its process group at exit: %s", err)
+    if _DEFAULT_GROUP["destroy_at_exit"] and dist.is_initialized():
+        _DEFAULT_GROUP["destroy_at_exit"] = False
+        dist.destroy_process_group()
 
 
 CHECKPOINT_KEY = "hpsgd"
@@ -180,6 +187,13 @@ class HPSGDStrategy(DDPStrategy):
         return self._engine.stats if self._engine is not None else self._last_stats
 
     # ------------------------------------------------------------------ lifecycle
+
+    @override
+    def setup_environment(self) -> None:
+        created = not (dist.is_available() and dist.is_initialized())
+        super().setup_environment()
+        if created and dist.is_available() and dist.is_initialized():
+            _DEFAULT_GROUP["destroy_at_exit"] = True
 
     @override
     def setup(self, trainer: Trainer) -> None:
@@ -470,6 +484,7 @@ class HPSGDStrategy(DDPStrategy):
 
     def _abandon(self, exception: BaseException) -> None:
         self._abandoned = True
+        _DEFAULT_GROUP["destroy_at_exit"] = False
         for group in (self._hpsgd_group, self._object_group):
             _OWN_GROUPS.pop(id(group), None)
         if self._engine is None or self._engine.aborted:

@@ -18,7 +18,7 @@ AT_EXIT: dict = {}
 
 @atexit.register  # before lightning_hpsgd registers its own: atexit runs this one after it
 def _record_group_state_at_exit() -> None:
-    """Record whether HPSGD destroyed its own process group at exit (the script leaves the default group alone)."""
+    """Record whether HPSGD destroyed its process groups at exit (the script itself destroys none)."""
     if "group" not in AT_EXIT:
         return
     try:
@@ -26,7 +26,7 @@ def _record_group_state_at_exit() -> None:
         destroyed = False
     except (ValueError, RuntimeError):
         destroyed = True
-    record = {"hpsgd_group_destroyed": destroyed, "default_group_alive": dist.is_initialized()}
+    record = {"hpsgd_group_destroyed": destroyed, "default_group_destroyed": not dist.is_initialized()}
     Path(AT_EXIT["path"]).write_text(json.dumps(record))
 
 
