@@ -40,7 +40,7 @@ FULL_SPEED_MBIT = 10_000.0
 DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "NODE_RANK", "LOCAL_RANK", "GROUP_RANK",
                    "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "GLOO_SOCKET_IFNAME")  # fmt: skip
 
-# The targets of issue 5, as (ratio or figure, comparison, bound); bench.md reports where each stands.
+# Upper bounds on step-time ratios (issue 5); bench.md prints each beside the measured ratio.
 TARGETS = {
     "hpsgd/compute-only": 1.15,
     "hpsgd/ddp": 0.60,
@@ -213,7 +213,7 @@ def run_benchmark(config: BenchConfig, log: Any = print) -> dict[str, Any]:
         raise ValueError(f"Unknown strategies {sorted(unknown)}; choose from {list(STRATEGIES)}.")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    _prepare_data(config)
+    prepare_data(config)
     warning = None
     with _terminate_as_interrupt(), tempfile.TemporaryDirectory(prefix="hpsgd-bench-") as tmp:
         link_cm: Any = None
@@ -245,7 +245,8 @@ def run_benchmark(config: BenchConfig, log: Any = print) -> dict[str, Any]:
     return report
 
 
-def _prepare_data(config: BenchConfig) -> None:
+def prepare_data(config: BenchConfig) -> None:
+    """Generate (or load) the MNIST-1D cache once, before the workers start, so they never race to write it."""
     from lightning_hpsgd.recipes import MNIST1DDataModule
 
     MNIST1DDataModule(data_dir=config.data_dir).prepare_data()

@@ -11,13 +11,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lightning_hpsgd.bench.compare import BenchConfig, Runner, _prepare_data
+from lightning_hpsgd.bench.compare import BenchConfig, Runner, prepare_data
 
 
 def measure_monitor_overhead(repeats: int = 3, steps: int = 400, channels: int = 64) -> dict[str, Any]:
     """Median step time (s) with the monitor on and off, per repeat, and the ratio of the medians."""
     config = BenchConfig(channels=channels, steps=steps, repeats=repeats, loopback=True)
-    _prepare_data(config)
+    prepare_data(config)
     times: dict[str, list[float]] = {"on": [], "off": []}
     with tempfile.TemporaryDirectory(prefix="hpsgd-monitor-") as tmp:
         runner = Runner(config, None, Path(tmp))
