@@ -13,6 +13,7 @@ from lightning_hpsgd.engine import (
     HPSGDEngine,
     HPSGDError,
     NonFiniteUpdateError,
+    RanksDivergedError,
     RanksOutOfStepError,
     StopRequest,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "HPSGDStrategy",
     "NonFiniteUpdateError",
     "PostLocalSGDStrategy",
+    "RanksDivergedError",
     "RanksOutOfStepError",
     "StopRequest",
 ]

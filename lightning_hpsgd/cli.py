@@ -15,16 +15,8 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 
 import lightning_hpsgd  # noqa: F401  (registers the strategy names before the Trainer is built)
+from lightning_hpsgd.strategy import REGISTERED_NAMES
 from lightning_hpsgd.wandb import dashboard_main, offline_unless_logged_in
-
-# Registry names whose init_args may follow on the command line: the name becomes its class_path form.
-_NAMED = {
-    "hpsgd": {"start_method": "popen", "merge": "replica"},
-    "hpsgd_spawn": {"start_method": "spawn", "merge": "replica"},
-    "hpsgd_fork": {"start_method": "fork", "merge": "replica"},
-    "hpsgd_notebook": {"start_method": "fork", "merge": "replica"},
-    "hpsgd_stale": {"start_method": "popen", "merge": "stale"},
-}
 
 
 def expand_strategy_names(args: Sequence[str]) -> list[str]:
@@ -46,9 +38,9 @@ def expand_strategy_names(args: Sequence[str]) -> list[str]:
         elif arg.startswith("--trainer.strategy="):
             name, step = arg.split("=", 1)[1], 1
         has_options = any(a.startswith("--trainer.strategy.") for a in args[i + 1 :])
-        if name in _NAMED and has_options:
+        if name in REGISTERED_NAMES and has_options:
             out += ["--trainer.strategy", "lightning_hpsgd.HPSGDStrategy"]
-            for key, value in _NAMED[name].items():
+            for key, value in REGISTERED_NAMES[name].items():
                 out += [f"--trainer.strategy.{key}", value]
             i += step
             continue

@@ -1,4 +1,4 @@
-"""The HPSGD rule of ``HPSGD.md`` on a list of tensors and a process group.
+"""The HPSGD rule (``docs/algorithm.md``) on named tensors and a process group.
 
 This module imports only torch and torch.distributed, so it can be used (and tested) without a training framework.
 """
@@ -6,19 +6,28 @@ This module imports only torch and torch.distributed, so it can be used (and tes
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import timedelta
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_hpsgd.tensor_utils import FlatLayout, accumulation_dtype, broadcast_tensors
+from lightning_hpsgd.tensor_utils import (
+    FlatLayout,
+    accumulation_dtype,
+    average_tensors,
+    broadcast_tensors,
+    checksums,
+    differs_across_ranks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +49,19 @@ class HPSGDError(RuntimeError):
 
 
 class NonFiniteUpdateError(HPSGDError):
-    """A worker's change Δ held NaN or inf; it was stopped before reaching the global model."""
+    """A worker's change Δ held NaN or inf."""
 
 
 class RanksOutOfStepError(HPSGDError):
     """Ranks reached an HPSGD collective at different optimizer steps (their step counts diverged)."""
 
 
+class RanksDivergedError(HPSGDError):
+    """Right after a flush, a tensor the engine averages was not bit-identical on every rank."""
+
+
 class HPSGDCommunicationError(HPSGDError):
-    """An HPSGD all-reduce failed: a peer died, hung past the timeout, or the network broke."""
+    """An HPSGD collective failed: a peer died, hung past the timeout, or the network broke."""
 
 
 class HPSGDReentryError(HPSGDError):
@@ -108,15 +121,29 @@ class _Pending:
     is_flush: bool
     works: tuple[dist.Work, ...]
     launched_at: float
-    # Set by the backend's completion callback. A one-element list, so that the callback holds only this list: a
-    # callback that held the ``_Pending`` (and so the works) would make a reference cycle through C++ that Python
-    # never frees, and gloo's threads would then destroy the work, and its tensors, during interpreter shutdown:
-    # the process aborts at exit ("terminate called without an active exception").
+    # CUDA events around the all-reduce on the communication stream (NCCL: the host never sees its completion).
+    events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+    # Set by the backend's completion callback (gloo: the work really completed). A one-element list, so that the
+    # callback holds only this list: a callback that held the ``_Pending`` (and so the works) would make a
+    # reference cycle through C++ that Python never frees, and gloo's threads would then destroy the work, and its
+    # tensors, during interpreter shutdown: the process aborts at exit.
     completion: list[float] = field(default_factory=list)
 
-    @property
-    def completed_at(self) -> float | None:
-        return self.completion[0] if self.completion else None
+
+@dataclass
+class _Timing:
+    """A merged round whose wait and communication times are read once its CUDA events have completed."""
+
+    comm: tuple[torch.cuda.Event, torch.cuda.Event]
+    wait: tuple[torch.cuda.Event, torch.cuda.Event]
+
+
+@dataclass
+class _DeferredCheck:
+    """A round's side channel, copied to the host without blocking and checked at the next merge (CUDA)."""
+
+    pending: _Pending
+    ready: torch.cuda.Event | None
 
 
 @dataclass
@@ -127,20 +154,27 @@ class EngineStats:
         rounds: all-reduces merged (sync points and flushes).
         flushes: blocking all-reduces run by ``flush``.
         overlapped_rounds: rounds merged at a sync point, i.e. launched at one sync point and merged at the next.
-            The sums below are over these rounds.
-        wait_seconds: host seconds the sync points spent waiting for the pending all-reduce.
-        comm_seconds: seconds from each launch to the backend's completion of the all-reduce.
+        timed_rounds: overlapped rounds whose wait and communication times are in the sums below. On CUDA the
+            times are read from events once they have completed, so this may trail ``overlapped_rounds`` by a
+            round or two; on CPU it equals it.
+        wait_seconds: seconds that training waited at sync points for the pending all-reduce (host time with
+            gloo; on CUDA, the time the compute stream stalled on the communication stream).
+        comm_seconds: seconds from each launch to the completion of the all-reduce (gloo: the backend's completion
+            callback; CUDA: events around the all-reduce on the communication stream).
         staleness_steps: optimizer steps between each launch and its merge.
-        last_wait_seconds, last_comm_seconds, last_staleness_steps: the same, for the latest overlapped round.
+        last_wait_seconds, last_comm_seconds: the same, for the latest timed round.
+        last_staleness_steps: the same, for the latest overlapped round.
         last_drift: ``‖R − G‖ / ‖G‖`` just before the merge, at the latest sync point that measured it (see
             :meth:`HPSGDEngine.request_drift`), or ``None``. A 0-d tensor on the engine's device, so reading it
             is the only host sync it costs.
         bytes_per_round: payload bytes of one all-reduce, per rank.
+        promoted: frozen tensors found changed at a flush, and averaged in every round since.
     """
 
     rounds: int = 0
     flushes: int = 0
     overlapped_rounds: int = 0
+    timed_rounds: int = 0
     wait_seconds: float = 0.0
     comm_seconds: float = 0.0
     staleness_steps: int = 0
@@ -149,14 +183,31 @@ class EngineStats:
     last_staleness_steps: int = 0
     last_drift: Tensor | None = None
     bytes_per_round: int = 0
+    promoted: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The counters as plain Python values (``last_drift`` as a float or ``None``)."""
+        out = asdict(self)
+        out["last_drift"] = None if self.last_drift is None else float(self.last_drift)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> EngineStats:
+        """The inverse of :meth:`to_dict`; unknown keys are ignored."""
+        known = {f.name for f in fields(cls)}
+        stats = cls(**{k: v for k, v in values.items() if k in known})
+        if stats.last_drift is not None:
+            stats.last_drift = torch.tensor(float(stats.last_drift))
+        return stats
 
 
 class HPSGDEngine:
-    r"""Hierarchical Parallel SGD on a list of tensors (the replica ``R``) and a process group.
+    r"""Hierarchical Parallel SGD on a model's named tensors and a process group.
 
-    State on every rank, named as in ``HPSGD.md``:
+    State on every rank, named as in the rule (``docs/algorithm.md``):
 
-    * ``R`` (``replica``): the tensors the optimizer updates (parameters and floating-point buffers).
+    * ``R`` (``replica``): the tensors averaged in every round, updated in place: those named in ``averaged``
+      (trainable parameters and floating-point buffers), and frozen tensors found changed (below).
     * ``G`` (``global_``): the sum of every average merged so far; equal on every rank.
     * ``S`` (``start``): the value of ``R`` right after the last sync point.
     * ``P`` (``pending``): an all-reduce that was launched and not yet merged, or ``None``.
@@ -172,95 +223,80 @@ class HPSGDEngine:
         S &\leftarrow R, \qquad P \leftarrow \text{all\_reduce\_async}(\Delta)
 
     A flush merges ``P``, runs a blocking all-reduce of the last ``Δ`` and sets ``R = S = G``, so every rank holds
-    the same model and nothing is in flight.
+    the same model and nothing is in flight. It then compares a 64-bit checksum of every floating-point tensor
+    across ranks: a frozen tensor (one not in ``R``) that differs is averaged at once and joins ``R`` for every
+    later round (an EMA teacher, say), and a tensor of ``R`` that differs raises :class:`RanksDivergedError`. Frozen
+    tensors that do not change cost nothing per round.
 
-    ``G``, ``S`` and the communication buffers are flat and preallocated, in fp32 or the widest dtype of ``R``. The
-    all-reduce carries a small integer side channel (each rank's step and a non-finite flag) so that every rank
-    detects, at the same point, a NaN/inf change or ranks whose step counts diverged.
+    ``G``, ``S`` and the communication buffer are flat and preallocated, in fp32 or the widest dtype of ``R``. The
+    all-reduce carries a small integer side channel (each rank's step, a non-finite flag and a stop request) so that
+    every rank detects, at the same point, a NaN/inf change or ranks whose step counts diverged.
 
     Args:
-        replica: the tensors to average, all floating-point and on one device. They are updated in place.
-        names: one name per tensor, used in error messages and by :meth:`global_state` (default: ``tensor{i}``).
-        group: the process group for the HPSGD all-reduce. Give it a group of its own so that other collectives
+        tensors: every tensor of the model's state by name (parameters and buffers, any dtype, on one device), or a
+            sequence of tensors (named ``tensor{i}``). All are broadcast from rank 0 at construction.
+        averaged: the names averaged in every round; floating-point only (default: every floating-point tensor).
+            Other floating-point tensors are *frozen*: checked at every flush, and averaged from then on if they
+            changed. Non-floating tensors (``num_batches_tracked``) are only broadcast at construction.
+        group: the process group for the HPSGD collectives. Give it a group of its own so that other collectives
             never queue behind a pending round (default: the world).
+        object_group: the group for the pickled structure check (a CPU/gloo group when ``group`` is NCCL; default:
+            ``group``).
         sync_every: ``H``, optimizer steps per round (>= 1; default 1).
         merge: ``"replica"`` (HPSGD: ``R ← G + Δ``) or ``"stale"`` (``R ← G``, the stale-gradient baseline).
         comm_dtype: dtype on the wire (``None``: full precision; bf16/fp16 compress, ``G`` stays fp32 or wider).
-        timeout: the longest a merge waits for the pending all-reduce before raising
-            :class:`HPSGDCommunicationError` (default: the process group's own timeout).
-        broadcast_extra: tensors that are not averaged but must start equal (frozen parameters, integer buffers);
-            broadcast from rank 0 at construction together with ``replica``.
-        broadcast: whether to broadcast rank 0's values at construction (default ``True``). Set ``False`` only if
-            the caller has already made ``replica`` identical on every rank.
+        timeout: with gloo, the longest a merge waits for the pending all-reduce before raising
+            :class:`HPSGDCommunicationError` (default: the process group's own timeout). With NCCL the process
+            group's timeout and watchdog apply instead, so that a merge never blocks the host.
+        broadcast: whether to broadcast rank 0's values at construction (default ``True``). With ``False`` the
+            caller promises that the tensors are already identical on every rank; the first flush checks it.
+        defer_checks: read each round's side channel one merge later, from a non-blocking copy, so that a sync
+            point never blocks the host (default: on CUDA). Errors are still raised on every rank at the same
+            merge, one round later; a non-finite round has then already reached ``G``, which is abandoned.
     """
 
     def __init__(
         self,
-        replica: Sequence[Tensor],
-        names: Sequence[str] | None = None,
+        tensors: Mapping[str, Tensor] | Sequence[Tensor],
+        averaged: Collection[str] | None = None,
         *,
         group: dist.ProcessGroup | None = None,
+        object_group: dist.ProcessGroup | None = None,
         sync_every: int = 1,
         merge: MergeMode = "replica",
         comm_dtype: str | torch.dtype | None = None,
         timeout: timedelta | None = None,
-        broadcast_extra: Sequence[Tensor] = (),
         broadcast: bool = True,
+        defer_checks: bool | None = None,
     ) -> None:
         validate_options(sync_every, merge)
-        self.replica = [t.detach() for t in replica]
-        self.names = list(names) if names is not None else [f"tensor{i}" for i in range(len(self.replica))]
-        if len(self.names) != len(self.replica):
-            raise ValueError(f"Got {len(self.names)} names for {len(self.replica)} tensors.")
-        for name, tensor in zip(self.names, self.replica):
-            if not tensor.is_floating_point():
-                raise ValueError(
-                    f"HPSGD averages floating-point tensors only; {name!r} has dtype {tensor.dtype}. Leave integer"
-                    " tensors out of `replica` (pass them as `broadcast_extra`)."
-                )
         self.group = group
+        self.object_group = object_group if object_group is not None else group
         self.sync_every = sync_every
         self.merge = merge
         self.timeout = timeout
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-
-        self.layout = FlatLayout(self.replica, accumulation_dtype(self.replica))
+        self._wire_dtype_option = resolve_comm_dtype(comm_dtype)
+        self._promoted: set[str] = set()
+        self._set_tensors(tensors, averaged)
         self.device = self.layout.device
-        wire_dtype = resolve_comm_dtype(comm_dtype) or self.layout.dtype
-        self.compressed = torch.finfo(wire_dtype).bits < torch.finfo(self.layout.dtype).bits
-        self.comm_dtype = wire_dtype if self.compressed else self.layout.dtype
-        # A compressed wire carries Δ / W (so the sum cannot overflow where the mean would not); a full-precision
-        # wire carries Δ and the merge divides the sum by W, as HPSGD.md writes it.
-        self._merge_scale = 1.0 if self.compressed else 1.0 / self.world_size
-        # When R is stored in a narrower dtype than G (bf16-true), writing G + Δ into R rounds it, so S must be
-        # re-read from R for Δ to measure only the optimizer's progress.
-        self.replica_is_narrow = any(t.dtype != self.layout.dtype for t in self.replica)
-
-        if broadcast:
-            broadcast_tensors(self.replica + [t.detach() for t in broadcast_extra], src=self._src(), group=group)
-
-        self.global_ = self.layout.new_buffer()
-        self.start = self.layout.new_buffer()
-        self._start_views = self.layout.views(self.start)
-        self._global_views = self.layout.views(self.global_)
-        # Three flat buffers in all: G, S (which holds Δ during a sync point) and the wire. A full-precision wire
-        # also carries the side channel in a tail of 4W values (exact integers in fp32/fp64), so a round is a single
-        # all-reduce; a compressed one cannot hold them exactly, and sends them in a separate int64 all-reduce.
-        self._packed = not self.compressed
-        tail = _META_FIELDS * self.world_size if self._packed else 0
-        self._wire = torch.zeros(self.layout.numel + tail, dtype=self.comm_dtype, device=self.device)
-        self._payload = self._wire[: self.layout.numel]
-        # Side channel, summed across ranks, each rank writing only its own slot of each field: the step code (in
-        # two 12-bit halves, exact in fp32), the non-finite flag and the stop request.
-        self._meta = (
-            self._wire[self.layout.numel :]
-            if self._packed
-            else torch.zeros(_META_FIELDS * self.world_size, dtype=torch.int64, device=self.device)
-        )
+        backend = dist.get_backend(group)
+        # NCCL work completes on the GPU: its future completes at enqueue time and a wait with a timeout blocks
+        # the host. Time it with CUDA events and let the process group's watchdog handle timeouts.
+        self._nccl_like = self.device.type == "cuda" and backend != "gloo"
         self._comm_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
+        self.defer_checks = self.device.type == "cuda" if defer_checks is None else defer_checks
+
+        self._check_same_structure()
+        if broadcast:
+            broadcast_tensors(list(self._tensors.values()), src=self._src(), group=group)
+
         self.pending: _Pending | None = None
         self._abandoned: _Pending | None = None
+        self._deferred: _DeferredCheck | None = None
+        self._timings: deque[_Timing] = deque()
+        self._last_wait_events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
         self._last_step: int | None = None
         self._steps_since_flush = 0
         self._busy = False
@@ -269,14 +305,12 @@ class HPSGDEngine:
         # Set at the merge that carried any rank's stop request: every rank learns it at the same merge.
         self.stop_requested = StopRequest(0)
         self._stop_to_send = StopRequest(0)
-        self.stats = EngineStats(bytes_per_round=self._payload.numel() * self._payload.element_size())
-
-        with torch.no_grad():
-            torch._foreach_copy_(self._start_views, self.replica)
-            self.global_.copy_(self.start)
+        self.stats = EngineStats()
+        self._build_buffers({})
         log.debug(
-            "HPSGDEngine: %d tensors, %d elements, G in %s, wire in %s, world size %d",
+            "HPSGDEngine: %d averaged and %d frozen tensors, %d elements, G in %s, wire in %s, world size %d",
             len(self.replica),
+            len(self.frozen),
             self.layout.numel,
             self.layout.dtype,
             self.comm_dtype,
@@ -290,14 +324,21 @@ class HPSGDEngine:
         """Whether a round is in flight or an optimizer step was taken since the last flush (this rank's view)."""
         return self.pending is not None or self._steps_since_flush > 0
 
+    @property
+    def replica_is_narrow(self) -> bool:
+        """Whether some tensor of ``R`` is narrower than ``G`` (bf16-true), so that ``G`` holds bits ``R`` cannot."""
+        return any(t.dtype != self.layout.dtype for t in self.replica)
+
     def request_stop(self, reason: StopRequest = StopRequest.ABORT) -> None:
         """Ask every rank to stop: sent with this rank's next round or flush; see :attr:`stop_requested`.
 
         No collective of its own, so it is safe from a signal handler. Every rank sees the union of all ranks'
         requests in ``stop_requested`` after the same merge, up to two rounds later (the launch at the next sync
-        point, then its merge).
+        point, then its merge; one more with ``defer_checks``). With one rank, the request holds at once.
         """
         self._stop_to_send |= reason
+        if self.world_size == 1:
+            self.stop_requested |= reason
 
     @property
     def stop_sent(self) -> StopRequest:
@@ -330,7 +371,7 @@ class HPSGDEngine:
                 self._measure_drift()
             self._delta_into_start()
             pending = self.pending
-            wait_seconds = self._merge_pending()
+            wait_seconds = self._merge_pending(defer=self.defer_checks)
             if pending is not None:
                 self._record_round(pending, step, wait_seconds)
             self._launch(step, is_flush=False)  # the wire takes Δ from S; S is free again
@@ -342,22 +383,70 @@ class HPSGDEngine:
 
     @torch.no_grad()
     def flush(self, step: int) -> None:
-        """Leave every rank with ``R = S = G`` and nothing in flight (a blocking all-reduce of the last ``Δ``).
+        """Leave every rank with ``R = S = G``, nothing in flight, and every floating-point tensor identical.
 
         A collective: every rank must call it at the same point. It always communicates, even when this rank took
         no step since the last flush, so that ranks whose step counts diverged get :class:`RanksOutOfStepError`
         instead of waiting for each other, and changes made outside optimizer steps (BatchNorm statistics from
-        forward passes) are averaged too.
+        forward passes, an EMA teacher) are averaged too.
+
+        Raises:
+            RanksDivergedError: a tensor of ``R`` differs across ranks after the merge; names the first one.
         """
         with self._exclusive("flush"):
             self._delta_into_start()
-            self._merge_pending()
+            self._merge_pending(defer=False)
             self._launch(step, is_flush=True)
-            self._merge_pending()
+            self._merge_pending(defer=False)
             self.start.copy_(self.global_)
             self._write_replica_from_start()
+            self._drain_timings(block=True)
+            self._reconcile(step)
         self._steps_since_flush = 0
         self.stats.flushes += 1
+
+    @torch.no_grad()
+    def follow(self, tensors: Mapping[str, Tensor], averaged: Collection[str], step: int) -> bool:
+        """Track the model's tensors after user code replaced some of them or changed which are trainable.
+
+        * The same names, shapes and dtypes, and the same ``averaged`` set: tensors replaced by new objects (SWA
+          resetting BatchNorm statistics, ``module.weight = nn.Parameter(...)``, ``param.data = ...``) are followed
+          in place, with no collective. Their new values count as a change within the current round.
+        * Anything else (a tensor added or removed, a shape or dtype changed, a parameter frozen or unfrozen):
+          a flush over the old tensors, then ``R``, ``S`` and ``G`` are rebuilt over the new ones, and every new
+          tensor that differs across ranks is averaged. A collective: call it at the same point on every rank.
+
+        Returns:
+            Whether it rebuilt (and so communicated).
+        """
+        averaged = frozenset(averaged)
+        names = list(tensors)
+        same_layout = (
+            names == list(self._tensors)
+            and averaged == self._always
+            and all(t.shape == self._tensors[n].shape and t.dtype == self._tensors[n].dtype for n, t in tensors.items())
+        )
+        # Replaced objects first, so that the flush counts their new values as this round's change.
+        self._repoint({n: t for n, t in tensors.items() if _same_kind(t, self._tensors.get(n))})
+        if same_layout:
+            return False
+        self.flush(step)
+        with self._exclusive("rebuild"):
+            known = {name: (tensor.shape, tensor.dtype) for name, tensor in self._tensors.items()}
+            global_views = dict(zip(self.names, self._global_views))
+            self._promoted &= set(tensors)
+            self._set_tensors(tensors, averaged)
+            self._check_same_structure()
+            fresh = [n for n, t in self._tensors.items() if known.get(n) != (t.shape, t.dtype)]
+            fresh_floating = [self._tensors[n] for n in fresh if self._tensors[n].is_floating_point()]
+            if fresh_floating:
+                flags = differs_across_ranks(checksums(fresh_floating), self.group)
+                differing = [t for t, differs in zip(fresh_floating, flags) if differs]
+                if differing:
+                    average_tensors(differing, self.group)
+            self._build_buffers(global_views)
+        log.debug("HPSGDEngine: rebuilt over %d averaged and %d frozen tensors", len(self.replica), len(self.frozen))
+        return True
 
     def request_drift(self) -> None:
         """Measure ``‖R − G‖ / ‖G‖`` at the next sync point (two extra passes over the model, on that round only)."""
@@ -375,27 +464,140 @@ class HPSGDEngine:
         self.pending = None
         self.aborted = True
 
-    def global_state(self) -> dict[str, Tensor]:
-        """``G`` by tensor name, as CPU copies: what a flushed narrow replica (bf16) cannot hold by itself."""
-        return {name: view.detach().cpu().clone() for name, view in zip(self.names, self.layout.views(self.global_))}
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint written at a flush point needs beyond the model itself.
+
+        ``global``: ``G`` of every tensor narrower than ``G`` (a bf16 replica cannot hold its bits; elsewhere
+        ``G = R`` after a flush); ``promoted``: the frozen tensors averaged in every round; ``stats``: the counters.
+        Stop requests are not part of it: a run resumed from a preemption checkpoint must not stop again.
+        """
+        narrow = {
+            name: view.detach().cpu().clone()
+            for name, tensor, view in zip(self.names, self.replica, self._global_views)
+            if tensor.dtype != self.layout.dtype
+        }
+        return {"global": narrow, "promoted": sorted(self._promoted), "stats": self.stats.to_dict()}
 
     @torch.no_grad()
-    def load_global_state(self, state: Mapping[str, Tensor]) -> int:
-        """Set ``G`` from :meth:`global_state` output, for the names present in both with the same shape.
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output right after construction (every rank loads the same state).
 
-        Call it right after construction (or a flush). It restores only ``G``'s extra precision: it is meant for
-        values whose rounding to the replica's dtype equals the replica, and it leaves ``R`` and ``S`` as they are.
-
-        Returns:
-            How many tensors were restored.
+        ``G`` is restored only for tensors whose saved value still rounds to the current replica, so that stale
+        values (the model was changed since) are never brought back.
         """
+        promoted = set(state.get("promoted", ())) & set(self._tensors)
+        if promoted - self._promoted:
+            self._promoted |= promoted
+            self._set_tensors(self._tensors, self._always)
+            self._build_buffers({})
         restored = 0
-        for name, view in zip(self.names, self.layout.views(self.global_)):
-            saved = state.get(name)
-            if saved is not None and saved.shape == view.shape:
+        for name, tensor, view in zip(self.names, self.replica, self._global_views):
+            saved = state.get("global", {}).get(name)
+            if saved is None or saved.shape != view.shape:
+                continue
+            saved = saved.to(device=view.device, dtype=view.dtype)
+            if torch.equal(saved.to(tensor.dtype), tensor):
                 view.copy_(saved)
                 restored += 1
-        return restored
+        if "stats" in state:
+            self.stats = EngineStats.from_dict(state["stats"])
+            self.stats.bytes_per_round = self._payload.numel() * self._payload.element_size()
+        log.debug("HPSGDEngine: loaded state (G of %d tensors, %d promoted)", restored, len(promoted))
+
+    # ------------------------------------------------------------------ tensors and buffers
+
+    def _set_tensors(self, tensors: Mapping[str, Tensor] | Sequence[Tensor], averaged: Collection[str] | None) -> None:
+        if not isinstance(tensors, Mapping):
+            tensors = {f"tensor{i}": t for i, t in enumerate(tensors)}
+        self._tensors: dict[str, Tensor] = {name: t.detach() for name, t in tensors.items()}
+        floating = {name for name, t in self._tensors.items() if t.is_floating_point()}
+        always = frozenset(floating if averaged is None else averaged)
+        unknown = sorted(always - set(self._tensors))
+        if unknown:
+            raise ValueError(f"averaged names {unknown} that are not among the tensors.")
+        for name in sorted(always - floating):
+            raise ValueError(
+                f"HPSGD averages floating-point tensors only; {name!r} has dtype {self._tensors[name].dtype}. Leave"
+                " it out of `averaged`: it is broadcast at setup and stays local after that."
+            )
+        self._always = always
+        averaged_now = always | self._promoted
+        self.names = [n for n in self._tensors if n in averaged_now]
+        self.replica = [self._tensors[n] for n in self.names]
+        self.frozen_names = [n for n in floating if n not in averaged_now]
+        self.frozen_names.sort(key=list(self._tensors).index)
+        self.frozen = [self._tensors[n] for n in self.frozen_names]
+        if not self.replica:
+            raise ValueError("HPSGD found no tensor to average: give it at least one trainable floating-point tensor.")
+        self.layout = FlatLayout(self.replica, accumulation_dtype(self.replica))
+
+    def _build_buffers(self, global_values: Mapping[str, Tensor]) -> None:
+        """(Re)allocate G, S and the wire for the current layout. ``G`` starts from ``R``, or from ``global_values``
+        where a saved value still rounds to the replica (the extra bits of a narrow replica survive a rebuild)."""
+        wire_dtype = self._wire_dtype_option or self.layout.dtype
+        self.compressed = torch.finfo(wire_dtype).bits < torch.finfo(self.layout.dtype).bits
+        self.comm_dtype = wire_dtype if self.compressed else self.layout.dtype
+        # A compressed wire carries Δ / W (so the sum cannot overflow where the mean would not); a full-precision
+        # wire carries Δ and the merge divides the sum by W, as the rule writes it.
+        self._merge_scale = 1.0 if self.compressed else 1.0 / self.world_size
+        self.global_ = self.layout.new_buffer()
+        self.start = self.layout.new_buffer()
+        self._start_views = self.layout.views(self.start)
+        self._global_views = self.layout.views(self.global_)
+        # Three flat buffers in all: G, S (which holds Δ during a sync point) and the wire. A full-precision wire
+        # also carries the side channel in a tail of 4W values (exact integers in fp32/fp64), so a round is a single
+        # all-reduce; a compressed one cannot hold them exactly, and sends them in a separate int64 all-reduce.
+        self._packed = not self.compressed
+        tail = _META_FIELDS * self.world_size if self._packed else 0
+        self._wire = torch.zeros(self.layout.numel + tail, dtype=self.comm_dtype, device=self.device)
+        self._payload = self._wire[: self.layout.numel]
+        self._meta = (
+            self._wire[self.layout.numel :]
+            if self._packed
+            else torch.zeros(_META_FIELDS * self.world_size, dtype=torch.int64, device=self.device)
+        )
+        pin = self.device.type == "cuda"
+        self._meta_host = torch.zeros(self._meta.shape, dtype=self._meta.dtype, pin_memory=pin)
+        self._finite_host = torch.ones((), dtype=torch.bool, pin_memory=pin)
+        self.stats.bytes_per_round = self._payload.numel() * self._payload.element_size()
+        self.stats.promoted = len(self._promoted)
+        with torch.no_grad():
+            torch._foreach_copy_(self._start_views, self.replica)
+            self.global_.copy_(self.start)
+            for name, tensor, view in zip(self.names, self.replica, self._global_views):
+                saved = global_values.get(name)
+                if saved is not None and saved.shape == view.shape and torch.equal(saved.to(tensor.dtype), tensor):
+                    view.copy_(saved)
+
+    def _repoint(self, tensors: Mapping[str, Tensor]) -> None:
+        """Follow tensors replaced by new objects of the same shape and dtype (no collective)."""
+        for name, tensor in tensors.items():
+            if tensor.data_ptr() != self._tensors[name].data_ptr():
+                log.debug("HPSGDEngine: following the new tensor behind %r", name)
+                self._tensors[name] = tensor.detach()
+        self.replica = [self._tensors[n] for n in self.names]
+        self.frozen = [self._tensors[n] for n in self.frozen_names]
+
+    def _check_same_structure(self) -> None:
+        """Raise on every rank, naming the first difference, if ranks hold tensors of different names or shapes."""
+        signature = [(name, tuple(t.shape), str(t.dtype), name in self.names) for name, t in self._tensors.items()]
+        digest = hashlib.blake2b(repr(signature).encode(), digest_size=8).digest()
+        code = torch.tensor([int.from_bytes(digest, "little", signed=True)], dtype=torch.int64, device=self.device)
+        if not differs_across_ranks(code, self.group)[0]:
+            return
+        signatures: list[Any] = [None] * self.world_size
+        dist.all_gather_object(signatures, signature, group=self.object_group)
+        reference = signatures[0]
+        for rank, other in enumerate(signatures[1:], start=1):
+            for i in range(max(len(reference), len(other))):
+                ours = reference[i] if i < len(reference) else None
+                theirs = other[i] if i < len(other) else None
+                if ours != theirs:
+                    raise ValueError(
+                        "HPSGD: ranks hold different models, so their tensors cannot be averaged. First difference,"
+                        f" at tensor #{i}: rank 0 has {_describe(ours)}, rank {rank} has {_describe(theirs)}. Build"
+                        " the same model on every rank (same architecture, dtype and frozen parameters)."
+                    )
 
     # ------------------------------------------------------------------ the rule's steps
 
@@ -407,7 +609,49 @@ class HPSGDEngine:
     def _write_replica_from_start(self) -> None:
         torch._foreach_copy_(self.replica, self._start_views)
         if self.replica_is_narrow:
+            # Writing G + Δ into a narrow R rounds it: S must be re-read from R for Δ to measure only the
+            # optimizer's progress.
             torch._foreach_copy_(self._start_views, self.replica)
+
+    def _reconcile(self, step: int) -> None:
+        """After a flush: every floating-point tensor must be identical on every rank (one int64 all-reduce).
+
+        A frozen tensor that differs was changed outside the optimizer (an EMA teacher, SWA): average it now and
+        average it in every round from now on. A tensor of ``R`` that differs means the model is not what the
+        engine wrote: raise, naming it.
+        """
+        tensors = self.replica + self.frozen
+        if self.world_size == 1:
+            return
+        try:
+            flags = differs_across_ranks(checksums(tensors), self.group)
+        except RuntimeError as err:
+            self.aborted = True
+            raise self._communication_error("the check after the flush", err) from err
+        diverged = [name for name, differs in zip(self.names, flags) if differs]
+        if diverged:
+            self.aborted = True
+            raise RanksDivergedError(
+                f"HPSGD: right after the flush at optimizer step {step}, {len(diverged)} averaged tensor(s) differ"
+                f" between ranks, first"
+                f" {diverged[0]!r}. Something changed the model behind HPSGD's back between its write and this check"
+                " (another thread or CUDA stream writing into the module), or the ranks were not started from the"
+                " same weights. Stop that writer, and resume from the last checkpoint."
+            )
+        changed = [(n, t) for n, t, differs in zip(self.frozen_names, self.frozen, flags[len(self.names) :]) if differs]
+        if not changed:
+            return
+        average_tensors([t for _, t in changed], self.group)
+        self._promoted |= {n for n, _ in changed}
+        log.info(
+            "HPSGD: %d frozen tensor(s) changed outside the optimizer and differed between ranks (first %r): averaged"
+            " now, and in every round from now on",
+            len(changed),
+            changed[0][0],
+        )
+        global_views = dict(zip(self.names, self._global_views))
+        self._set_tensors(self._tensors, self._always)
+        self._build_buffers(global_views)
 
     def _measure_drift(self) -> None:
         # One tensor at a time, so the scratch is the largest tensor, not a flat copy of the model.
@@ -421,14 +665,36 @@ class HPSGDEngine:
 
     def _record_round(self, pending: _Pending, step: int, wait_seconds: float) -> None:
         stats = self.stats
-        completed = pending.completed_at if pending.completed_at is not None else time.perf_counter()
         stats.overlapped_rounds += 1
-        stats.last_wait_seconds = wait_seconds
-        stats.last_comm_seconds = max(0.0, completed - pending.launched_at)
         stats.last_staleness_steps = step - pending.step
-        stats.wait_seconds += wait_seconds
-        stats.comm_seconds += stats.last_comm_seconds
         stats.staleness_steps += stats.last_staleness_steps
+        if self._last_wait_events is not None and pending.events is not None:
+            self._timings.append(_Timing(comm=pending.events, wait=self._last_wait_events))
+            self._drain_timings(block=False)
+            return
+        completed = pending.completion[0] if pending.completion else time.perf_counter()
+        self._add_timing(wait_seconds, max(0.0, completed - pending.launched_at))
+
+    def _add_timing(self, wait_seconds: float, comm_seconds: float) -> None:
+        stats = self.stats
+        stats.timed_rounds += 1
+        stats.last_wait_seconds = wait_seconds
+        stats.last_comm_seconds = comm_seconds
+        stats.wait_seconds += wait_seconds
+        stats.comm_seconds += comm_seconds
+
+    def _drain_timings(self, block: bool) -> None:
+        """Add the times of merged rounds whose CUDA events completed (all of them when ``block``)."""
+        while self._timings:
+            timing = self._timings[0]
+            if block:
+                timing.wait[1].synchronize()
+            elif not (timing.wait[1].query() and timing.comm[1].query()):
+                return
+            self._timings.popleft()
+            comm = timing.comm[0].elapsed_time(timing.comm[1]) / 1000
+            wait = timing.wait[0].elapsed_time(timing.wait[1]) / 1000
+            self._add_timing(wait, comm)
 
     def _launch(self, step: int, is_flush: bool) -> None:
         """Put S's Δ (or Δ / W on a compressed wire) and this rank's side channel on the wire; start the all-reduce."""
@@ -444,57 +710,96 @@ class HPSGDEngine:
         self._meta[3 * w + r] = int(self._stop_to_send)
         self._meta[2 * w + r] = torch.logical_not(torch.isfinite(self._payload.sum(dtype=self.layout.dtype)))
         stream_ctx = nullcontext()
+        events = None
         if self._comm_stream is not None:
             # Wire and side channel were written on the compute stream: the side stream starts after that work,
             # and the compute stream goes on with the next steps while the all-reduce runs.
             self._comm_stream.wait_stream(torch.cuda.current_stream(self.device))
             stream_ctx = torch.cuda.stream(self._comm_stream)
+            if self._nccl_like and not is_flush:
+                events = (_timing_event(), _timing_event())
         with stream_ctx:
+            if events is not None:
+                events[0].record()
             works: tuple[dist.Work, ...] = (dist.all_reduce(self._wire, group=self.group, async_op=True),)
             if not self._packed:
                 works += (dist.all_reduce(self._meta, group=self.group, async_op=True),)
-        pending = _Pending(step=step, is_flush=is_flush, works=works, launched_at=time.perf_counter())
-        if not is_flush:
+            if events is not None:
+                events[1].record()
+        pending = _Pending(step=step, is_flush=is_flush, works=works, launched_at=time.perf_counter(), events=events)
+        if not is_flush and events is None:
             completion = pending.completion
             works[0].get_future().add_done_callback(lambda _: completion.append(time.perf_counter()))
         self.pending = pending
 
-    def _merge_pending(self) -> float:
-        """Wait for ``P`` and set ``G ← G + mean(P)``. Returns the host seconds spent waiting."""
+    def _merge_pending(self, defer: bool) -> float:
+        """Wait for ``P``, check its side channel and set ``G ← G + mean(P)``. Returns the host seconds waited.
+
+        With ``defer``, this round's side channel is copied to the host without blocking and checked at the next
+        merge, and the previous round's is checked now.
+        """
+        self._last_wait_events = None
         pending = self.pending
         if pending is None:
+            self._check_deferred()
             return 0.0
         self.pending = None
         started = time.perf_counter()
         try:
             for work in pending.works:
-                # With a timeout, NCCL's wait blocks the host and raises too, instead of only ordering streams.
-                if self.timeout is None:
+                # NCCL: only orders the streams. Gloo: blocks the host, and raises after the timeout.
+                if self.timeout is None or self._nccl_like:
                     work.wait()
                 else:
                     work.wait(self.timeout)
             if self._comm_stream is not None:
-                torch.cuda.current_stream(self.device).wait_stream(self._comm_stream)
+                current = torch.cuda.current_stream(self.device)
+                if self._nccl_like and not pending.is_flush:
+                    self._last_wait_events = (_timing_event(), _timing_event())
+                    self._last_wait_events[0].record(current)
+                current.wait_stream(self._comm_stream)
+                if self._last_wait_events is not None:
+                    self._last_wait_events[1].record(current)
             waited = time.perf_counter() - started
-            meta = [int(v) for v in self._meta.tolist()]
-            # A narrow wire can overflow in the sum although every rank's part was finite; a full-precision one
-            # (fp32 range or wider) cannot in practice, so it skips this extra pass.
-            reduced_finite = not self.compressed or bool(torch.isfinite(self._payload.sum(dtype=self.layout.dtype)))
+            self._check_deferred()
+            if defer:
+                self._meta_host.copy_(self._meta, non_blocking=True)
+                if self.compressed:
+                    finite_flag = torch.isfinite(self._payload.sum(dtype=self.layout.dtype))
+                    self._finite_host.copy_(finite_flag, non_blocking=True)
+                ready = torch.cuda.Event() if self.device.type == "cuda" else None
+                if ready is not None:
+                    ready.record()
+                self._deferred = _DeferredCheck(pending, ready)
+            else:
+                meta = [int(v) for v in self._meta.tolist()]
+                # A narrow wire can overflow in the sum although every rank's part was finite; a full-precision one
+                # (fp32 range or wider) cannot in practice, so it skips this extra pass.
+                finite = not self.compressed or bool(torch.isfinite(self._payload.sum(dtype=self.layout.dtype)))
+        except HPSGDError:
+            raise  # the previous round's deferred check
         except RuntimeError as err:
             self.aborted = True
-            raise HPSGDCommunicationError(
-                f"HPSGD: the all-reduce of the round that ended at optimizer step {pending.step} failed on rank"
-                f" {self.rank}: {err}. A peer process probably died, hung past the process group timeout, or lost"
-                " its network. Check the other ranks' logs; resume from the last checkpoint."
-            ) from err
-        self._check_meta(meta, reduced_finite, pending)
+            what = f"the all-reduce of the round that ended at optimizer step {pending.step}"
+            raise self._communication_error(what, err) from err
+        if not defer:
+            self._check_meta(meta, finite, pending, merged=False)
         self.global_.add_(self._payload, alpha=self._merge_scale)
         self.stats.rounds += 1
         return waited
 
     # ------------------------------------------------------------------ checks
 
-    def _check_meta(self, meta: list[int], reduced_finite: bool, pending: _Pending) -> None:
+    def _check_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, None
+        if deferred is None:
+            return
+        if deferred.ready is not None:
+            deferred.ready.synchronize()  # copied a round ago: long complete
+        meta = [int(v) for v in self._meta_host.tolist()]
+        self._check_meta(meta, bool(self._finite_host), deferred.pending, merged=True)
+
+    def _check_meta(self, meta: list[int], reduced_finite: bool, pending: _Pending, merged: bool) -> None:
         w = self.world_size
         codes = [(high << _CODE_BITS) + low for high, low in zip(meta[:w], meta[w : 2 * w])]
         if len(set(codes)) != 1:
@@ -512,7 +817,8 @@ class HPSGDEngine:
         bad_ranks = [r for r, flag in enumerate(meta[2 * w : 3 * w]) if flag]
         if bad_ranks or not reduced_finite:
             self.aborted = True
-            bad = (~torch.isfinite(self._payload)).nonzero()
+            source_buffer = self.global_ if merged else self._payload
+            bad = (~torch.isfinite(source_buffer)).nonzero()
             where = self.names[self.layout.index_of(int(bad[0]))] if bad.numel() else "(unknown)"
             kind = "round" if not pending.is_flush else "flush"
             source = (
@@ -520,12 +826,24 @@ class HPSGDEngine:
                 if bad_ranks
                 else f"from the sum over ranks, which overflowed the {self.comm_dtype} wire"
             )
+            fate = (
+                "It reached the global model before the check (checks are deferred on this device), which is"
+                " abandoned: no flush or checkpoint will use it."
+                if merged
+                else "It was not merged into the global model."
+            )
             raise NonFiniteUpdateError(
                 f"HPSGD: a non-finite update (NaN or inf) {source} in the {kind} that ended at optimizer step"
-                f" {pending.step}, first in parameter {where!r}. It was not merged into the global model. Lower the"
-                " learning rate, clip gradients (Trainer(gradient_clip_val=...)), or check the data of that step;"
-                " with comm_dtype=float16, values beyond ±65504 overflow, so try bfloat16."
+                f" {pending.step}, first in parameter {where!r}. {fate} Lower the learning rate, clip gradients"
+                " (Trainer(gradient_clip_val=...)), or check the data of that step; with comm_dtype=float16, values"
+                " beyond ±65504 overflow, so try bfloat16."
             )
+
+    def _communication_error(self, what: str, err: BaseException) -> HPSGDCommunicationError:
+        return HPSGDCommunicationError(
+            f"HPSGD: {what} failed on rank {self.rank}: {err}. A peer process probably died, hung past the process"
+            " group timeout, or lost its network. Check the other ranks' logs; resume from the last checkpoint."
+        )
 
     @contextmanager
     def _exclusive(self, what: str) -> Iterator[None]:
@@ -547,3 +865,18 @@ class HPSGDEngine:
 
     def _src(self) -> int:
         return dist.get_global_rank(self.group, 0) if self.group is not None else 0
+
+
+def _same_kind(tensor: Tensor, other: Tensor | None) -> bool:
+    return other is not None and tensor.shape == other.shape and tensor.dtype == other.dtype
+
+
+def _timing_event() -> torch.cuda.Event:
+    return torch.cuda.Event(enable_timing=True)
+
+
+def _describe(entry: tuple | None) -> str:
+    if entry is None:
+        return "no tensor"
+    name, shape, dtype, averaged = entry
+    return f"{name!r} shape={list(shape)} dtype={dtype} averaged={averaged}"

@@ -15,6 +15,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
+from lightning_hpsgd.compat import logging_step
 from lightning_hpsgd.engine import EngineStats
 from lightning_hpsgd.wandb import define_wall_time_axis
 
@@ -95,6 +96,8 @@ class HPSGDMonitor(Callback):
         interval = self.every_n_steps or trainer.log_every_n_steps
         if self._last is None or step == self._last_logged_step or step % interval:
             return
+        if not trainer.loggers:  # nothing to write to: no collective either (the same on every rank)
+            return
         self._last_logged_step = step
         stats = _stats(trainer)
         metrics = self._metrics(trainer, stats, step)
@@ -112,12 +115,12 @@ class HPSGDMonitor(Callback):
     def _write(trainer: L.Trainer, metrics: dict[str, float]) -> None:
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+                logger.log_metrics(metrics, step=logging_step(trainer))
 
     def _metrics(self, trainer: L.Trainer, stats: EngineStats | None, step: int) -> dict[str, float]:
         assert self._last is not None
         now = time.perf_counter()
-        rounds0, wait0, comm0, stale0, step0, time0, samples0 = self._last
+        rounds0, timed0, wait0, comm0, stale0, step0, time0, samples0 = self._last
         elapsed = max(now - time0, 1e-9)
         metrics = {
             "hpsgd/step_ms": 1000 * elapsed / max(1, step - step0),
@@ -128,9 +131,11 @@ class HPSGDMonitor(Callback):
         if stats is None:
             return metrics
         new_rounds = stats.overlapped_rounds - rounds0
-        rounds = max(1, new_rounds)
-        wait_ms = 1000 * (stats.wait_seconds - wait0) / rounds
-        comm_ms = 1000 * (stats.comm_seconds - comm0) / rounds
+        # On CUDA the times of a round are read from its events a round or two after its merge: divide the times
+        # by the rounds they cover, not by the rounds merged.
+        new_timed = stats.timed_rounds - timed0
+        wait_ms = 1000 * (stats.wait_seconds - wait0) / max(1, new_timed)
+        comm_ms = 1000 * (stats.comm_seconds - comm0) / max(1, new_timed)
         drift = float("nan") if stats.last_drift is None else float(stats.last_drift)
         # One all-reduce for the two values that differ across ranks: the worst rank's wait and drift.
         local = torch.tensor([wait_ms, drift], dtype=torch.float64, device=trainer.strategy.root_device)
@@ -138,23 +143,24 @@ class HPSGDMonitor(Callback):
         wait_ms, drift = (float(v) for v in worst.cpu())
         metrics["hpsgd/bytes"] = float(stats.bytes_per_round)
         metrics["hpsgd/rounds"] = float(stats.rounds)
-        if new_rounds:  # no round was merged yet in this interval: nothing to say about comm and wait
+        if new_timed:  # no round was timed yet in this interval: nothing to say about comm and wait
             metrics["hpsgd/comm_ms"] = comm_ms
             metrics["hpsgd/wait_ms"] = wait_ms
             metrics["hpsgd/hidden"] = 1.0 - wait_ms / comm_ms if comm_ms > 0 else 1.0
-            metrics["hpsgd/staleness"] = (stats.staleness_steps - stale0) / rounds
+        if new_rounds:
+            metrics["hpsgd/staleness"] = (stats.staleness_steps - stale0) / new_rounds
         if self.drift and stats.last_drift is not None:
             metrics["hpsgd/drift"] = drift
         return metrics
 
     def _snapshot(
         self, stats: EngineStats | None, step: int, now: float | None = None
-    ) -> tuple[int, float, float, int, int, float, int]:
+    ) -> tuple[int, int, float, float, int, int, float, int]:
         now = time.perf_counter() if now is None else now
         if stats is None:
-            return (0, 0.0, 0.0, 0, step, now, self._samples)
-        return (stats.overlapped_rounds, stats.wait_seconds, stats.comm_seconds, stats.staleness_steps, step, now,
-                self._samples)  # fmt: skip
+            return (0, 0, 0.0, 0.0, 0, step, now, self._samples)
+        return (stats.overlapped_rounds, stats.timed_rounds, stats.wait_seconds, stats.comm_seconds,
+                stats.staleness_steps, step, now, self._samples)  # fmt: skip
 
 
 def describe_strategy(trainer: L.Trainer) -> dict[str, Any]:

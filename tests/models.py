@@ -24,11 +24,18 @@ def make_batches(
     return batches
 
 
-def loader(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> DataLoader:
-    """A DataLoader that yields exactly ``batches``, in order."""
+def loader(batches: list[tuple[torch.Tensor, torch.Tensor]], stateful: bool = False) -> DataLoader:
+    """A DataLoader that yields exactly ``batches``, in order.
+
+    ``stateful``: torchdata's ``StatefulDataLoader``, whose position Lightning saves in checkpoints, so that a
+    mid-epoch resume continues with the next batch.
+    """
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
-    return DataLoader(TensorDataset(x, y), batch_size=batches[0][0].shape[0], shuffle=False)
+    cls = DataLoader
+    if stateful:
+        from torchdata.stateful_dataloader import StatefulDataLoader as cls  # noqa: N813
+    return cls(TensorDataset(x, y), batch_size=batches[0][0].shape[0], shuffle=False)
 
 
 def build_net(
@@ -66,12 +73,24 @@ class Regressor(L.LightningModule):
         raise_at_step: int | None = None,
         sigterm_at_step: int | None = None,
         step_sleep_s: float = 0.0,
+        sleep_rank: int | None = None,
         log_sync_dist: bool = True,
         step_every_other: bool = False,
+        sigterm_rank: int = 1,
+        ema_teacher: float | None = None,
+        replace_at_step: int | None = None,
+        unused_branch_rank: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = build_net(hidden, batchnorm, frozen_first)
+        if ema_teacher is not None:
+            # Mean teacher / BYOL / DINO style: a frozen copy that follows the student outside the optimizer.
+            self.teacher = build_net(hidden, batchnorm, frozen_first).requires_grad_(False)
+        if unused_branch_rank is not None:
+            # An MoE expert or an unused branch: only one rank's data ever reaches it, so only that rank's optimizer
+            # has state for it.
+            self.branch = nn.Linear(6, 2)
         self.automatic_optimization = not manual
         self.losses: list[float] = []
 
@@ -86,7 +105,32 @@ class Regressor(L.LightningModule):
 
     def _loss(self, batch: Any) -> torch.Tensor:
         x, y = batch
-        return nn.functional.mse_loss(self(x).float(), y.float())
+        out = self(x)
+        if self.hparams.unused_branch_rank == self.global_rank and self.training:
+            out = out + 0.1 * self.branch(x)
+        return nn.functional.mse_loss(out.float(), y.float())
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.hparams.replace_at_step is None or self.global_step != self.hparams.replace_at_step:
+            return
+        # What user code does: a parameter replaced by a new object (moved into the optimizer by hand), and a buffer
+        # registered mid-fit. Both start with different values on each rank.
+        old = self.net[-1].weight
+        new = nn.Parameter(old.detach() + 0.01 * (self.global_rank + 1))
+        self.net[-1].weight = new
+        optimizer = self.trainer.optimizers[0]
+        for group in optimizer.param_groups:
+            group["params"] = [new if p is old else p for p in group["params"]]
+        if old in optimizer.state:
+            optimizer.state[new] = optimizer.state.pop(old)
+        self.register_buffer("extra", torch.full((3,), float(self.global_rank), device=self.device))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.hparams.ema_teacher is None:
+            return
+        with torch.no_grad():
+            for teacher, student in zip(self.teacher.parameters(), self.net.parameters()):
+                teacher.lerp_(student, 1.0 - self.hparams.ema_teacher)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         hp = self.hparams
@@ -96,12 +140,14 @@ class Regressor(L.LightningModule):
             os._exit(17)
         if hp.raise_at_step is not None and self.global_step == hp.raise_at_step and self.global_rank == 1:
             raise RuntimeError("a bug in the user's training_step, on rank 1 only")
-        if hp.sigterm_at_step is not None and self.global_step == hp.sigterm_at_step and self.global_rank == 1:
+        sigterm_here = self.global_step == hp.sigterm_at_step and self.global_rank == hp.sigterm_rank
+        if sigterm_here and not getattr(self, "_signalled", False):
+            self._signalled = True
             import os
             import signal
 
             os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler preempting this one process
-        if hp.step_sleep_s:
+        if hp.step_sleep_s and hp.sleep_rank in (None, self.global_rank):
             import time
 
             time.sleep(hp.step_sleep_s)
@@ -143,7 +189,9 @@ class Regressor(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        if hp.unused_branch_rank is not None:
+            params += list(self.branch.parameters())
         if hp.optimizer == "adam":
             opt = torch.optim.Adam(params, lr=hp.lr)
         elif hp.optimizer == "zero":

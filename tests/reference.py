@@ -1,6 +1,6 @@
-"""An independent reference simulation of HPSGD.md: N workers in one process, plain torch, no torch.distributed.
+"""An independent reference simulation of the rule in docs/algorithm.md: N workers in one process, plain torch.
 
-It follows the document's rule line by line on per-worker model copies, so that the real strategy (many processes,
+It follows that page's rule line by line on per-worker model copies, so that the real strategy (many processes,
 flat buffers, async all-reduce) can be compared against it.
 """
 

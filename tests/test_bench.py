@@ -27,16 +27,58 @@ def namespaces_of(pid: int) -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.startswith(f"hpsgdb{pid}")]
 
 
-@pytest.mark.timeout(600)  # 15 two-process launches: about 3 minutes beside the rest of the suite on 2 cores
+def rank_result(step_times, wait=None, val_acc=0.5, steps=30, train_seconds=1.0):
+    return {"step_times_s": step_times, "wait_seconds": wait, "train_seconds": train_seconds, "peak_rss_mb": 100.0,
+            "rss_before_fit_mb": 90.0, "val_acc": val_acc, "steps": steps,
+            "curve": [(1.0, steps, val_acc)]}  # fmt: skip
+
+
+def test_summary_aggregates_repeats_by_median_and_ratios_from_medians():
+    """Three synthetic repeats of two workers each: a repeat's step time is the median over both workers' steps,
+    the strategy's the median (and min, max) over repeats, and every ratio divides those medians."""
+    from lightning_hpsgd.bench.compare import BenchConfig, Link, summarize
+
+    hpsgd = [  # per-repeat medians 0.012, 0.010, 0.030 -> median 0.012
+        [rank_result([0.010, 0.012, 0.014], wait=0.1), rank_result([0.012, 0.011, 0.013], wait=0.3)],
+        [rank_result([0.010, 0.010, 0.010], wait=0.2), rank_result([0.009, 0.011, 0.010], wait=0.2)],
+        [rank_result([0.030, 0.030, 0.031], wait=0.4), rank_result([0.029, 0.030, 0.050], wait=0.0)],
+    ]
+    ddp = [  # per-repeat medians 0.020, 0.024, 0.021 -> median 0.021
+        [rank_result([0.020, 0.020]), rank_result([0.020, 0.021])],
+        [rank_result([0.024, 0.024]), rank_result([0.024, 0.025])],
+        [rank_result([0.021, 0.021]), rank_result([0.021, 0.022])],
+    ]
+    compute = [[rank_result([0.008])], [rank_result([0.010])], [rank_result([0.009])]]
+    equal_steps = {"hpsgd": hpsgd, "ddp": ddp, "compute-only": compute}
+    equal_time = {name: runs[:1] for name, runs in equal_steps.items()}
+    report = summarize(BenchConfig(strategies=tuple(equal_steps)), Link("loopback", None, param_bytes=400),
+                       equal_steps, equal_time, budget=1.0, warning=None, elapsed=1.0)  # fmt: skip
+    h, d, c = (report["strategies"][n] for n in ("hpsgd", "ddp", "compute-only"))
+    assert h["step_time_per_repeat_s"] == pytest.approx([0.012, 0.010, 0.030])
+    assert h["step_time_s"] == pytest.approx({"median": 0.012, "min": 0.010, "max": 0.030})
+    assert d["step_time_s"] == pytest.approx({"median": 0.021, "min": 0.020, "max": 0.024})
+    assert c["step_time_s"]["median"] == pytest.approx(0.009)
+    assert report["ratios"]["hpsgd/ddp"] == pytest.approx(0.012 / 0.021)
+    assert report["ratios"]["hpsgd/compute-only"] == pytest.approx(0.012 / 0.009)
+    assert report["ratios"]["ddp/compute-only"] == pytest.approx(0.021 / 0.009)
+    # HPSGD's blocked share is the mean of its measured waits over training time; DDP's the excess over compute.
+    assert h["blocked_fraction"] == pytest.approx(0.2) and h["blocked_method"].startswith("measured")
+    assert d["blocked_fraction"] == pytest.approx(1 - 0.009 / 0.021)
+
+
+@pytest.mark.timeout(400)
 def test_quick_run_reports_every_strategy_with_ratios_from_the_raw_timings(tmp_path):
+    """One short end-to-end run of three strategies (calibration, throttled link, both phases, the report files)."""
+    names = ["hpsgd", "ddp", "compute-only"]
     cmd = [sys.executable, "-m", "lightning_hpsgd.bench", "--quick", "--channels", "4", "--steps", "30",
-           "--val-every", "15", "--out", str(tmp_path / "report"), "--data-dir", str(tmp_path / "mnist1d")]  # fmt: skip
+           "--val-every", "15", "--out", str(tmp_path / "report"), "--data-dir", str(tmp_path / "mnist1d"),
+           "--strategies", *names]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out, _ = proc.communicate(timeout=560)
+    out, _ = proc.communicate(timeout=360)
     assert proc.returncode == 0, out[-4000:]
     report = json.loads((tmp_path / "report" / "bench.json").read_text())
 
-    assert set(report["strategies"]) == set(STRATEGIES)
+    assert set(report["strategies"]) == set(names) and set(names) <= set(STRATEGIES)
     assert report["workers"] == 2 and report["comm_ratio"] == 1.0
     if CAN_MAKE_NAMESPACES:
         assert report["link"] == "netns" and report["link_mbit"] > 0 and report["warning"] is None
@@ -60,7 +102,7 @@ def test_quick_run_reports_every_strategy_with_ratios_from_the_raw_timings(tmp_p
     assert report["strategies"]["ddp"]["blocked_method"] == "excess over compute-only"
 
     table = (tmp_path / "report" / "bench.md").read_text()
-    assert all(f"| {name} |" in table for name in STRATEGIES) and "| hpsgd/ddp |" in table
+    assert all(f"| {name} |" in table for name in names) and "| hpsgd/ddp |" in table
     assert (tmp_path / "report" / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if CAN_MAKE_NAMESPACES:
         assert namespaces_of(proc.pid) == []
@@ -84,3 +126,25 @@ def test_namespaces_are_removed_when_the_run_is_stopped(tmp_path):
             proc.kill()
     assert proc.returncode != 0
     assert namespaces_of(proc.pid) == [], out[-2000:]
+
+
+def test_gpu_mode_reports_every_mode_on_cpu(tmp_path):
+    """`bench gpu` with --device cpu: the same processes, modes and statistics as on a GPU, on a tiny MLP."""
+    cmd = [sys.executable, "-m", "lightning_hpsgd.bench", "gpu", "--device", "cpu", "--model", "mlp", "--batch", "8",
+           "--steps", "8", "--warmup", "4", "--precision", "32-true", "--out", str(tmp_path / "gpu.json"),
+           "--profile", str(tmp_path / "trace")]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert set(report["modes"]) == {"compute-only", "ddp", "hpsgd", "hpsgd_h4"} and report["backend"] == "gloo"
+    for name, mode in report["modes"].items():
+        assert mode["step_ms"] > 0 and len(mode["step_ms_per_rank"]) == 2
+        assert (mode["comm_ms"] is not None) == name.startswith("hpsgd")
+    # 8 timed steps after 4 warm-up steps: 8 rounds merged at H=1, 2 at H=4 (each merges a round launched 4 steps
+    # earlier).
+    assert report["modes"]["hpsgd"]["rounds_timed"] == 8 and report["modes"]["hpsgd_h4"]["rounds_timed"] == 2
+    assert report["modes"]["hpsgd"]["comm_ms"] > 0
+    ratio = report["modes"]["hpsgd_h4"]["step_ms"] / report["modes"]["compute-only"]["step_ms"]
+    assert report["ratios"]["hpsgd_h4/compute-only"] == pytest.approx(ratio)
+    assert "| hpsgd_h4 |" in done.stdout
+    assert (tmp_path / "trace" / "trace_hpsgd_h4_rank0.json").stat().st_size > 1000

@@ -24,7 +24,7 @@ def test_epoch_end_checkpoint_resumes_exactly(tmp_path, precision):
     assert not torch.equal(momentum[0], momentum[1]), "ranks saw different data, so momentum must differ"
     assert torch.equal(ckpt["optimizer_states"][0]["state"][0]["momentum_buffer"], momentum[0])
     # A bf16 replica cannot hold G's fp32 bits, so the checkpoint carries G itself.
-    assert ("global" in ckpt["hpsgd"]) == (precision == "bf16-true")
+    assert bool(ckpt["hpsgd"]["engine"]["global"]) == (precision == "bf16-true")
 
     last = torch.load(ckpts[-1], weights_only=False)
     for name, value in first[0].result["final"].items():
@@ -71,14 +71,29 @@ def test_mid_epoch_checkpoint_resume(tmp_path):
             torch.testing.assert_close(value, a.result["final"][name], atol=0.1, rtol=0.1)
 
 
-def test_resume_on_a_different_number_of_workers(tmp_path):
-    run_ranks("fit", tmp_path / "a", {**BASE, "max_epochs": 1, "checkpoint": {"every_n_epochs": 1}})
+def test_resume_on_a_different_number_of_workers_starts_from_the_mean_optimizer_state(tmp_path):
+    """Saved by 2 ranks, resumed on 1 and on 3: every rank starts from the mean of the saved per-rank states. A
+    branch that only rank 1's data reaches has momentum on rank 1 only: its mean is over the states that have it."""
+    args = {**BASE, "model_args": {"unused_branch_rank": 1}}
+    run_ranks("fit", tmp_path / "a", {**args, "max_epochs": 1, "checkpoint": {"every_n_epochs": 1}})
     ckpt = tmp_path / "a" / "ckpt" / "epoch=0-step=6.ckpt"
-    (single,) = run_ranks("fit", tmp_path / "b", {**BASE, "max_epochs": 2, "resume_from": str(ckpt)}, world_size=1)
+    saved = [s[0]["state"] for s in torch.load(ckpt, weights_only=False)["hpsgd"]["optimizer_states"]]
+    branch = max(saved[1])  # the branch's parameters come last in the optimizer
+    assert branch in saved[1] and branch not in saved[0]
+    expected = {
+        index: sum(s[index]["momentum_buffer"] for s in saved if index in s) / sum(index in s for s in saved)
+        for index in set(saved[0]) | set(saved[1])
+    }
+    (single,) = run_ranks("fit", tmp_path / "b", {**args, "max_epochs": 2, "resume_from": str(ckpt)}, world_size=1)
     assert single.result["start_step"] == 6 and single.result["global_step"] == 12
     assert any("written by 2 ranks and is resumed on 1" in w for w in single.result["warnings"]), single.stderr
-    triple = run_ranks("fit", tmp_path / "c", {**BASE, "max_epochs": 2, "resume_from": str(ckpt)}, world_size=3)
+    triple = run_ranks("fit", tmp_path / "c", {**args, "max_epochs": 2, "resume_from": str(ckpt)}, world_size=3)
     assert any("resumed on 3" in w for w in triple[0].result["warnings"])
+    for r in [single, *triple]:
+        restored = r.result["optimizer_state_at_start"]
+        assert restored.keys() == expected.keys()
+        for index, value in expected.items():
+            torch.testing.assert_close(restored[index]["momentum_buffer"], value, rtol=0, atol=1e-7)
 
 
 def test_save_checkpoint_after_fit_keeps_every_ranks_optimizer_state(tmp_path):
@@ -89,3 +104,19 @@ def test_save_checkpoint_after_fit_keeps_every_ranks_optimizer_state(tmp_path):
     assert not torch.equal(momentum[0], momentum[1])
     for name, value in results[1].result["final"].items():
         assert torch.equal(ckpt["state_dict"][name], value)
+
+
+def test_grad_scaler_state_is_checkpointed_and_restored_per_rank(tmp_path):
+    """fp16 autocast with a GradScaler (16-mixed; here on CPU): every rank's scale is saved and restored as its own,
+    and the resumed run ends bit-identical to the uninterrupted one."""
+    args = {**BASE, "val": False, "cpu_grad_scaler": True, "max_epochs": 2}
+    first = run_ranks("fit", tmp_path / "a", {**args, "checkpoint": {"every_n_epochs": 1}})
+    ckpt = tmp_path / "a" / "ckpt" / "epoch=0-step=6.ckpt"
+    saved = torch.load(ckpt, weights_only=False)["hpsgd"]["precision_states"]
+    assert len(saved) == 2 and saved[0]["scale"] != saved[1]["scale"]
+    resumed = run_ranks("fit", tmp_path / "b", {**args, "checkpoint": {"every_n_epochs": 1, "dir": "c"},
+                                                 "resume_from": str(ckpt)})  # fmt: skip
+    for a, b in zip(first, resumed):
+        assert b.result["scaler_state_at_start"]["scale"] == saved[b.rank]["scale"]
+        for name, value in a.result["final"].items():
+            assert torch.equal(b.result["final"][name], value), f"{name} differs after the resume"

@@ -53,9 +53,10 @@ def test_configured_strategy_snippet_sets_the_options():
 def test_quickstart_commands_train_then_test_a_recipe(tmp_path):
     shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
     (out,) = run_all([["bash", "-e", str(SNIPPETS / "quickstart_cli.sh")]], [user_env(tmp_path)], tmp_path, 400)
-    assert "`Trainer.fit` stopped: `max_epochs=5` reached." in out
+    assert "`Trainer.fit` stopped: `max_epochs=2` reached." in out
     accuracy = float(re.search(r"test/acc\s+│?\s*([0-9.]+)", out).group(1))
-    assert accuracy > 0.5, out[-3000:]  # 5 epochs of MNIST-1D: well above chance (0.1)
+    # 2 epochs of MNIST-1D: above chance (0.1); the demo test checks the accuracy of a full run.
+    assert accuracy > 0.2, out[-3000:]
 
 
 def multinode_env(tmp_path: Path, port: int, **values: str) -> dict[str, str]:

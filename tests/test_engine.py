@@ -74,6 +74,33 @@ def test_non_finite_delta_raises_on_every_rank_before_the_merge(tmp_path):
         assert len(r.result["history"]) == 3
 
 
+def test_deferred_checks_report_the_same_errors_one_round_later(tmp_path):
+    """The CUDA mode that never stalls the host to read the side channel, run here on CPU: the NaN round is merged
+    (the check reads its copy at the next merge), every rank raises naming the same step, rank and tensor, and
+    says that the global model already holds it."""
+    results = run_ranks("engine", tmp_path / "nan", {"nan_at_step": 3, "steps": 6, "defer_checks": True})
+    for r in results:
+        err = r.result["error"]
+        assert err.startswith("NonFiniteUpdateError"), err
+        assert "rank(s) [1]" in err and "optimizer step 3" in err and "'b'" in err
+        assert "reached the global model before the check" in err, err
+        assert len(r.result["history"]) == 4  # one step later than the immediate check
+    results = run_ranks("engine", tmp_path / "step", {"extra_step_on_rank1": True, "steps": 4, "defer_checks": True})
+    for r in results:
+        assert r.result["error"].startswith("RanksOutOfStepError"), r.result["error"]
+        assert "rank 1: sync point at step 99" in r.result["error"]
+
+
+def test_ranks_that_differ_after_a_flush_raise_naming_the_tensor(tmp_path):
+    """Without the setup broadcast, ranks start from different values: G differs, so the first flush cannot make the
+    replicas equal, and the check at its end names the first tensor that differs instead of training on."""
+    results = run_ranks("engine", tmp_path, {"broadcast": False, "steps": 3, "sync_every": 2})
+    for r in results:
+        err = r.result["error"]
+        assert err.startswith("RanksDivergedError"), err
+        assert "'w'" in err and "optimizer step 3" in err, err
+
+
 def test_ranks_out_of_step_are_detected(tmp_path):
     results = run_ranks("engine", tmp_path, {"extra_step_on_rank1": True, "steps": 4})
     for r in results:

@@ -55,7 +55,11 @@ def test_multiprocessing_launchers_return_the_flushed_model(tmp_path, strategy):
     assert_same_model(ranks)
     parent = torch.load(tmp_path / "parent.pt", weights_only=False)
     for name, value in ranks[0]["state"].items():
-        assert torch.equal(parent[name], value), name
+        assert torch.equal(parent["state"][name], value), name
+    # The launching process never ran the engine: rank 0 sent its counters back with the model. The module's
+    # on_train_end saw 13 rounds; the strategy flushes once more after every on_train_end hook (SWA writes there).
+    assert ranks[0]["rounds"] == 12 + 1
+    assert parent["stats"] is not None and parent["stats"]["rounds"] == 12 + 2 and parent["stats"]["flushes"] == 2
 
 
 def test_torchrun_two_nodes(tmp_path):

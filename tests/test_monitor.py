@@ -19,11 +19,16 @@ def column(rows, key) -> list[float]:
 
 
 def test_monitor_writes_hpsgd_metrics_to_the_csv_logger(tmp_path):
-    run_ranks("fit", tmp_path, {"csv_logger": True, "log_every_n_steps": 2, "sync_every": 2, "max_epochs": 2})
+    """Rank 1 sleeps 30 ms per step, so rank 0 waits for rank 1's rounds (H=2): the logged wait (the worst rank's)
+    must show it. (The monitor's own all-reduce lines the ranks up at each logging step, every 3 rounds here.)"""
+    args = {"csv_logger": True, "log_every_n_steps": 6, "sync_every": 2, "max_epochs": 4,
+            "model_args": {"step_sleep_s": 0.03, "sleep_rank": 1, "log_sync_dist": False}}  # fmt: skip
+    run_ranks("fit", tmp_path, args)
     rows = read_metrics(tmp_path)
     assert column(rows, "hpsgd/comm_ms"), f"no hpsgd metrics in {list(rows[0])}"
     assert all(v > 0 for v in column(rows, "hpsgd/comm_ms"))
-    assert all(v >= 0 for v in column(rows, "hpsgd/wait_ms"))
+    wait = column(rows, "hpsgd/wait_ms")
+    assert len(wait) >= 4 and all(v > 20 for v in wait), wait
     assert all(-0.05 <= v <= 1.0 for v in column(rows, "hpsgd/hidden"))
     assert set(column(rows, "hpsgd/staleness")) == {2.0}  # launched at one sync point, merged at the next (H=2)
     # The Regressor's MLP: 6*16 + 16 + 16*2 + 2 = 146 fp32 values per round.

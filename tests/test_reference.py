@@ -1,4 +1,4 @@
-"""The real strategy (Lightning, 2 CPU processes, gloo) against the reference simulation of HPSGD.md."""
+"""The real strategy (Lightning, 2 CPU processes, gloo) against the reference simulation of docs/algorithm.md."""
 
 from __future__ import annotations
 

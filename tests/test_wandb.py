@@ -66,6 +66,22 @@ def test_two_process_fit_writes_an_offline_run_with_hpsgd_metrics_config_and_wal
     assert run.summary[WALL_TIME]["max"] == pytest.approx(max(r[WALL_TIME] for r in run.history if WALL_TIME in r))
 
 
+def wait_until_written(path, settle_s: float = 1.0, limit_s: float = 30.0) -> None:
+    """wandb's service process can still be writing the run file when `run.finish()` returns on a busy machine (the
+    suite saw the last rows arrive late): wait until the file has stopped growing."""
+    import time
+
+    deadline = time.monotonic() + limit_s
+    size, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        now_size = path.stat().st_size
+        if now_size != size:
+            size, since = now_size, time.monotonic()
+        elif time.monotonic() - since >= settle_s:
+            return
+        time.sleep(0.1)
+
+
 def test_reader_joins_records_that_span_blocks(tmp_path):
     """A config value longer than wandb's 32 KiB blocks, and enough rows to fill several blocks, read back whole."""
     import wandb
@@ -76,6 +92,7 @@ def test_reader_joins_records_that_span_blocks(tmp_path):
         run.log({"value": step * 0.5, WALL_TIME: step / 10})
     run.finish()
     (path,) = find_run_files(tmp_path)
+    wait_until_written(path)
     assert path.stat().st_size > 4 * 32768
     back = read_run(path)
     assert back.config["big"] == big and back.config["n"] == 3

@@ -12,7 +12,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import (
+    Callback,
+    ModelCheckpoint,
+    OnExceptionCheckpoint,
+    StochasticWeightAveraging,
+    Timer,
+)
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 import lightning_hpsgd  # noqa: F401  (registers the strategy names)
@@ -38,6 +44,12 @@ class Recorder(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.record.setdefault("initial", snapshot(pl_module))
         self.record["start_step"] = trainer.global_step
+        state = trainer.optimizers[0].state_dict()["state"] if trainer.optimizers else {}
+        copied = {k: {name: torch.as_tensor(v).clone() for name, v in entry.items()} for k, entry in state.items()}
+        self.record.setdefault("optimizer_state_at_start", copied)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            self.record.setdefault("scaler_state_at_start", dict(scaler.state_dict()))
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "fit":
@@ -53,6 +65,7 @@ class Recorder(Callback):
         if engine is None:  # a baseline strategy
             return
         self.record["rounds"] = engine.stats.rounds
+        self.record["stats"] = engine.stats.to_dict()
         self.record["flushes"] = engine.stats.flushes
         self.record["pending_at_end"] = engine.pending is not None
         self.record["global_dtype"] = engine.global_.dtype
@@ -61,18 +74,20 @@ class Recorder(Callback):
 
 
 class BroadcastCounter(Callback):
-    """Counts the broadcasts (tensor or object) made by anyone between the start and the end of training."""
+    """Counts the collectives on the default group (broadcasts, all-reduces) made by anyone between the start and
+    the end of training. HPSGD's rounds run on a group of their own and are not counted."""
 
     def __init__(self) -> None:
         import torch.distributed as dist
 
         self.count = 0
         self.active = False
-        for name in ("broadcast", "broadcast_object_list"):
+        for name in ("broadcast", "broadcast_object_list", "all_reduce"):
             original = getattr(dist, name)
 
             def counted(*a: Any, _original: Any = original, **k: Any) -> Any:
-                self.count += self.active
+                group = k.get("group")
+                self.count += self.active and (group is None or group is dist.group.WORLD)
                 return _original(*a, **k)
 
             setattr(dist, name, counted)
@@ -106,6 +121,16 @@ def loggers(args: dict[str, Any], outdir: Path) -> list[Any] | bool:
     return chosen or False
 
 
+def cpu_fp16_with_grad_scaler() -> Any:
+    """fp16 autocast with a GradScaler on CPU, as 16-mixed on a GPU. Each rank's scaler state must travel through
+    checkpoints per rank: ranks skip steps on overflow at different times, so their scales differ. Here each rank
+    starts from its own scale so that they differ for certain."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** (8 + env_rank()), growth_interval=2)
+    return MixedPrecision("16-mixed", "cpu", scaler=scaler)
+
+
 def build_trainer(args: dict[str, Any], outdir: Path, callbacks: list[Callback]) -> L.Trainer:
     strategy = HPSGDStrategy(
         sync_every=args.get("sync_every", 1),
@@ -115,6 +140,12 @@ def build_trainer(args: dict[str, Any], outdir: Path, callbacks: list[Callback])
         process_group_backend=args.get("backend"),
         monitor=args.get("monitor", True),
     )
+    if args.get("on_exception_checkpoint"):
+        callbacks.append(OnExceptionCheckpoint(outdir / "on_exception"))
+    if args.get("timer_epoch_s"):
+        callbacks.append(Timer(timedelta(seconds=args["timer_epoch_s"]), interval="epoch"))
+    if args.get("swa"):
+        callbacks.append(StochasticWeightAveraging(swa_lrs=0.02, swa_epoch_start=1))
     ckpt = args.get("checkpoint")
     if ckpt:
         callbacks.append(
@@ -132,7 +163,8 @@ def build_trainer(args: dict[str, Any], outdir: Path, callbacks: list[Callback])
         devices=int(os.environ.get("HPSGD_TEST_DEVICES", 1)),
         num_nodes=int(os.environ.get("HPSGD_TEST_NODES", 1)),
         strategy=args.get("strategy", strategy),
-        precision=args.get("precision", "32-true"),
+        precision=None if args.get("cpu_grad_scaler") else args.get("precision", "32-true"),
+        plugins=[cpu_fp16_with_grad_scaler()] if args.get("cpu_grad_scaler") else None,
         max_epochs=args.get("max_epochs", 1),
         max_steps=args.get("max_steps", -1),
         max_time={"seconds": args["max_time_s"]} if args.get("max_time_s") else None,
@@ -143,7 +175,7 @@ def build_trainer(args: dict[str, Any], outdir: Path, callbacks: list[Callback])
         num_sanity_val_steps=0,
         logger=loggers(args, outdir),
         log_every_n_steps=args.get("log_every_n_steps", 50),
-        enable_checkpointing=bool(ckpt),
+        enable_checkpointing=bool(ckpt or args.get("on_exception_checkpoint")),
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=callbacks,
@@ -153,10 +185,19 @@ def build_trainer(args: dict[str, Any], outdir: Path, callbacks: list[Callback])
 
 def train_data(args: dict[str, Any], rank: int, world_size: int):
     n, bs = args.get("num_batches", 6), args.get("batch_size", 8)
+    stateful = args.get("stateful_loader", False)
     if args.get("per_rank_data"):
         seed = 100 if args.get("same_data") else 100 + rank
-        return loader(make_batches(n, bs, seed))
-    return loader(make_batches(n * world_size, bs, seed=7))
+        return loader(make_batches(n, bs, seed), stateful)
+    return loader(make_batches(n * world_size, bs, seed=7), stateful)
+
+
+def perturb_by_rank(module: torch.nn.Module, rank: int) -> None:
+    """Make every floating-point tensor (weights, frozen ones, buffers) differ across ranks before fit."""
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if tensor.is_floating_point():
+                tensor.add_(0.25 * rank)
 
 
 def scenario_fit(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
@@ -172,6 +213,9 @@ def scenario_fit(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
         module.setup = lambda stage: setattr(  # type: ignore[method-assign]
             module, "net", torch.nn.parallel.DistributedDataParallel(module.net)
         )
+    if args.get("rank_init"):
+        perturb_by_rank(module, rank)
+    pre_fit = snapshot(module)
     recorder = Recorder(every_step=args.get("record_every_step", False))
     broadcasts = BroadcastCounter() if args.get("count_broadcasts") else None
     trainer = build_trainer(args, outdir, [recorder] + ([broadcasts] if broadcasts else []))
@@ -184,6 +228,18 @@ def scenario_fit(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
             for w in caught:  # recorded warnings are not printed; show them (tests read stderr on failure)
                 print(f"warning: {w.message}", file=sys.stderr)
     out = dict(recorder.record)
+    out["pre_fit"] = pre_fit
+    stats = getattr(trainer.strategy, "stats", None)
+    out["stats_after_fit"] = None if stats is None else stats.to_dict()
+    if args.get("refit"):
+        # A second fit on the same Trainer, from weights the user set by hand, with nothing to learn (lr = 0).
+        with torch.no_grad():
+            for p in module.parameters():
+                p.fill_(0.5)
+        module.hparams.lr = 0.0
+        trainer.fit_loop.max_epochs += 1
+        trainer.fit(module, train_data(args, rank, world_size), val)
+        out["refit_final"] = snapshot(module)
     if broadcasts is not None:
         out["broadcasts_during_training"] = broadcasts.count
     out["warnings"] = [str(w.message) for w in caught]
@@ -199,6 +255,9 @@ def scenario_fit(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
         out["test"] = trainer.test(module, test_data, verbose=False)
         out["predict"] = trainer.predict(module, loader(make_batches(1, 4, seed=97)))
         out["after_test_params"] = snapshot(module)
+        module.eval()
+        with torch.no_grad():  # each rank's own output on the same inputs: no metric synchronisation involved
+            out["eval_output"] = module(make_batches(1, 8, seed=96)[0][0].to(module.device, module.dtype)).cpu()
     return out
 
 
@@ -220,13 +279,13 @@ def scenario_engine(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
     replica = [torch.randn(5, 3, dtype=dtype), torch.randn(7, dtype=dtype), torch.randn(2, dtype=torch.float64)]
     counter = torch.tensor([3], dtype=torch.int64)
     engine = HPSGDEngine(
-        replica,
-        ["w", "b", "fp64_buffer"],
+        {"w": replica[0], "b": replica[1], "fp64_buffer": replica[2], "counter": counter},
         group=dist.new_group(),
         sync_every=args.get("sync_every", 1),
         merge=args.get("merge", "replica"),
         comm_dtype=args.get("comm_dtype"),
-        broadcast_extra=[counter],
+        defer_checks=args.get("defer_checks", False),
+        broadcast=args.get("broadcast", True),
     )
     out: dict[str, Any] = {"rank": rank, "initial": [t.clone() for t in replica], "counter": int(counter)}
     totals = [torch.zeros_like(t, dtype=torch.float64) for t in replica]
@@ -266,7 +325,32 @@ def scenario_engine(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-SCENARIOS = {"fit": scenario_fit, "engine": scenario_engine}
+def scenario_compat(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
+    """Which of Lightning's objects carry HPSGD's patches during fit (seen from a callback) and after it."""
+
+    def patched(trainer: L.Trainer) -> dict[str, bool]:
+        timers = [c for c in trainer.callbacks if isinstance(c, Timer)]
+        return {
+            "loop": "_broadcast_sigterm_tensor" in vars(trainer.fit_loop.epoch_loop),
+            "signal": "_sigterm_notifier_fn" in vars(trainer._signal_connector),
+            "timer": any("_check_time_remaining" in vars(t) for t in timers),
+        }
+
+    out: dict[str, Any] = {"rank": 0}
+
+    class Probe(Callback):
+        def on_train_batch_start(self, trainer: L.Trainer, *rest: Any) -> None:
+            out["during_fit"] = patched(trainer)
+
+    trainer = L.Trainer(strategy=HPSGDStrategy(), accelerator="cpu", devices=1, max_epochs=1,
+                        max_time={"minutes": 5}, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[Probe()])  # fmt: skip
+    trainer.fit(Regressor(), loader(make_batches(2, 4, seed=1)))
+    out["after_fit"] = patched(trainer)
+    return out
+
+
+SCENARIOS = {"fit": scenario_fit, "engine": scenario_engine, "compat": scenario_compat}
 
 
 def main() -> None:

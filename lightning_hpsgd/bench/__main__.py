@@ -4,6 +4,8 @@
   a real throttled link (:mod:`lightning_hpsgd.bench.compare`); ``make bench`` runs it.
 * ``python -m lightning_hpsgd.bench overlap``: the engine alone, wait per round over all-reduce time.
 * ``python -m lightning_hpsgd.bench monitor``: HPSGD's step time with ``HPSGDMonitor`` on against off.
+* ``python -m lightning_hpsgd.bench gpu``: compute-only, DDP and HPSGD (H=1, H=4) on this machine's GPUs
+  (:mod:`lightning_hpsgd.bench.gpu`).
 """
 
 from __future__ import annotations
@@ -105,6 +107,10 @@ def main(args: Sequence[str] | None = None) -> None:
         overlap_main(argv[1:])
     elif argv[:1] == ["monitor"]:
         monitor_main(argv[1:])
+    elif argv[:1] == ["gpu"]:
+        from lightning_hpsgd.bench.gpu import main as gpu_main
+
+        gpu_main(argv[1:])
     else:
         compare_main(argv)
 

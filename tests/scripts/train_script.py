@@ -76,7 +76,14 @@ def main() -> None:
     if dist.is_initialized():
         AT_EXIT.update(group=trainer.strategy._hpsgd_group, path=str(Path(outdir) / f"exit{trainer.global_rank}.json"))
     if strategy in ("hpsgd_spawn", "hpsgd_fork", "hpsgd_notebook"):
-        torch.save({k: v.detach().clone() for k, v in module.state_dict().items()}, Path(outdir) / "parent.pt")
+        stats = trainer.strategy.stats
+        torch.save(
+            {
+                "state": {k: v.detach().clone() for k, v in module.state_dict().items()},
+                "stats": None if stats is None else stats.to_dict(),
+            },
+            Path(outdir) / "parent.pt",
+        )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,58 @@
+"""The lifetime of the process groups an HPSGD run creates: destroyed at interpreter exit while it is still whole.
+
+Otherwise gloo's worker threads can release a finished all-reduce (and its tensors) during interpreter shutdown,
+when they can no longer take the GIL, and the process aborts at exit ("terminate called without an active
+exception") although training succeeded. PyTorch asks every script to call ``destroy_process_group()``; Lightning
+does not. Groups with abandoned work are left to the OS: destroying them would wait for the stuck collective.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+from datetime import timedelta
+
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+__all__ = ["destroy_default_group_at_exit", "forget", "new_group"]
+
+# Groups this module created whose collectives all completed: destroyed at exit.
+_OWN_GROUPS: dict[int, dist.ProcessGroup] = {}
+# Whether the default group was created for an HPSGD run that has not failed: then it is destroyed at exit too.
+_DEFAULT_GROUP = {"destroy_at_exit": False}
+
+
+def new_group(backend: str | None, timeout: timedelta | None) -> dist.ProcessGroup:
+    """A new process group over every rank, destroyed at interpreter exit unless :func:`forget` is called."""
+    group = dist.new_group(backend=backend, timeout=timeout)
+    _OWN_GROUPS[id(group)] = group
+    return group
+
+
+def forget(*groups: dist.ProcessGroup | None) -> None:
+    """After an error: leave these groups, and the default group, to the OS (their work may never finish)."""
+    _DEFAULT_GROUP["destroy_at_exit"] = False
+    for group in groups:
+        _OWN_GROUPS.pop(id(group), None)
+
+
+def destroy_default_group_at_exit() -> None:
+    """The default group was created for an HPSGD run (by Lightning): destroy it at exit unless the run fails."""
+    _DEFAULT_GROUP["destroy_at_exit"] = True
+
+
+@atexit.register
+def _destroy_at_exit() -> None:
+    groups = list(_OWN_GROUPS.values())
+    _OWN_GROUPS.clear()
+    for group in groups:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group(group)
+            except (RuntimeError, ValueError) as err:  # already destroyed with the default group
+                log.debug("HPSGD: could not destroy its process group at exit: %s", err)
+    if _DEFAULT_GROUP["destroy_at_exit"] and dist.is_initialized():
+        _DEFAULT_GROUP["destroy_at_exit"] = False
+        dist.destroy_process_group()
