@@ -27,7 +27,8 @@ class HPSGDMonitor(Callback):
 
     * ``hpsgd/comm_ms``: from the launch of a round's all-reduce to its completion by the backend;
     * ``hpsgd/wait_ms``: how long training blocked at the sync point (max over ranks);
-    * ``hpsgd/hidden``: the fraction of communication hidden behind compute, ``1 - wait / comm``;
+    * ``hpsgd/hidden``: the fraction of communication hidden behind compute, ``1 - wait / comm``, each rank's own
+      wait over its own communication time, on the rank that hid the least (min over ranks);
     * ``hpsgd/staleness``: optimizer steps between a round's launch and its merge;
     * ``hpsgd/drift``: ``‖R − G‖ / ‖G‖`` just before the merge, at the latest sync point (max over ranks; measured on
       one round per interval, two extra passes over the model);
@@ -137,16 +138,18 @@ class HPSGDMonitor(Callback):
         wait_ms = 1000 * (stats.wait_seconds - wait0) / max(1, new_timed)
         comm_ms = 1000 * (stats.comm_seconds - comm0) / max(1, new_timed)
         drift = float("nan") if stats.last_drift is None else float(stats.last_drift)
-        # One all-reduce for the two values that differ across ranks: the worst rank's wait and drift.
-        local = torch.tensor([wait_ms, drift], dtype=torch.float64, device=trainer.strategy.root_device)
+        # Each rank's wait is part of its own communication time, so the share it waited is taken per rank.
+        waited_share = wait_ms / comm_ms if comm_ms > 0 else 0.0
+        # One all-reduce for the values that differ across ranks: the worst rank's wait, drift and waited share.
+        local = torch.tensor([wait_ms, drift, waited_share], dtype=torch.float64, device=trainer.strategy.root_device)
         worst = trainer.strategy.reduce(local, reduce_op="max")
-        wait_ms, drift = (float(v) for v in worst.cpu())
+        wait_ms, drift, waited_share = (float(v) for v in worst.cpu())
         metrics["hpsgd/bytes"] = float(stats.bytes_per_round)
         metrics["hpsgd/rounds"] = float(stats.rounds)
         if new_timed:  # no round was timed yet in this interval: nothing to say about comm and wait
             metrics["hpsgd/comm_ms"] = comm_ms
             metrics["hpsgd/wait_ms"] = wait_ms
-            metrics["hpsgd/hidden"] = 1.0 - wait_ms / comm_ms if comm_ms > 0 else 1.0
+            metrics["hpsgd/hidden"] = 1.0 - waited_share
         if new_rounds:
             metrics["hpsgd/staleness"] = (stats.staleness_steps - stale0) / new_rounds
         if self.drift and stats.last_drift is not None:

@@ -64,3 +64,21 @@ def test_one_worker_matches_plain_training(tmp_path):
     batches = make_batches(NUM_BATCHES, 8, seed=100)
     (result,) = run_ranks("fit", tmp_path, {"per_rank_data": True, "num_batches": NUM_BATCHES}, world_size=1)
     assert_matches(result.result, plain_training(build_net(), sgd, batches, mse))
+
+
+def test_manual_optimization_and_gradient_accumulation_match_the_reference(tmp_path):
+    """Sync points follow optimizer steps whatever drives them: manual optimization (H=3), and accumulation of two
+    batches per step (H=2; a step on two batches of 8 is a step on their concatenation)."""
+    batches = [make_batches(8, 8, seed=100 + r) for r in range(2)]
+    base = {"per_rank_data": True, "num_batches": 8}
+    manual = run_ranks("fit", tmp_path / "manual", {**base, "sync_every": 3, "model_args": {"manual": True}})
+    reference = simulate(build_net(), sgd, batches, 3, "replica", mse)
+    for r in manual:
+        assert_matches(r.result, reference)
+        assert r.result["rounds"] == 8 // 3 + 1
+    accumulated = run_ranks("fit", tmp_path / "accumulated", {**base, "sync_every": 2, "accumulate": 2})
+    paired = [[(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(bs[::2], bs[1::2])] for bs in batches]
+    reference = simulate(build_net(), sgd, paired, 2, "replica", mse)
+    for r in accumulated:
+        assert_matches(r.result, reference)
+        assert r.result["global_step"] == 4 and r.result["rounds"] == 4 // 2 + 1
