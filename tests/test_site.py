@@ -1,0 +1,60 @@
+"""The built documentation site shows what the Markdown means to show (checked on the HTML, not the Markdown)."""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.launch import ROOT
+
+INCLUDE = re.compile(r'^-+8\s*<\s*-+\s*"([^"]+)"', re.MULTILINE)
+
+
+def as_shown(line: str, markdown: bool) -> str:
+    """A source line as the page shows it: Markdown's inline markup dropped (code, emphasis, links)."""
+    if markdown:
+        line = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", line).replace("`", "").replace("**", "").lstrip("#- ").strip()
+    return line
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("site")
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    mkdocs = Path(sys.executable).parent / "mkdocs"
+    done = subprocess.run([str(mkdocs), "build", "--strict", "--quiet", "-d", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def page_text(site: Path, page: Path) -> str:
+    """What a reader sees on the page built from ``docs/<page>``: its HTML without tags, entities decoded."""
+    built = site / ("index.html" if page.stem == "index" else f"{page.stem}/index.html")
+    return html.unescape(re.sub(r"<[^>]+>", "", built.read_text()))
+
+
+PAGES = sorted((ROOT / "docs").glob("*.md"))
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if INCLUDE.search(p.read_text())], ids=lambda p: p.stem)
+def test_every_included_file_appears_on_its_page(site, page):
+    text = page_text(site, page)
+    for included in INCLUDE.findall(page.read_text()):
+        markdown = included.endswith(".md")
+        lines = [as_shown(line.strip(), markdown) for line in (ROOT / included).read_text().splitlines()]
+        longest = max(lines, key=len)
+        assert longest[:80] in text, f"{page.name}: {included} is not on the built page ({longest[:80]!r})"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.stem)
+def test_no_page_shows_a_raw_include_line(site, page):
+    text = page_text(site, page)
+    raw = [line for line in text.splitlines() if re.match(r"\s*-+8\s*<", line)]
+    assert not raw, f"{page.name} shows {raw}"
