@@ -2,7 +2,8 @@
 
 Importing the package registers the strategy names ``"hpsgd"``, ``"hpsgd_spawn"``, ``"hpsgd_fork"``,
 ``"hpsgd_notebook"`` and ``"hpsgd_stale"`` with Lightning, so ``Trainer(strategy="hpsgd")`` works, and the baseline
-``"localsgd"`` (:class:`~lightning_hpsgd.baselines.PostLocalSGDStrategy`, PyTorch's post-local SGD, period 4).
+``"localsgd"`` ([`PostLocalSGDStrategy`][lightning_hpsgd.baselines.PostLocalSGDStrategy], PyTorch's post-local SGD,
+period 4).
 """
 
 from lightning.pytorch.strategies import StrategyRegistry

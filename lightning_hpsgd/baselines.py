@@ -2,7 +2,7 @@
 
 Lightning's ``DDPStrategy`` registers DDP communication hooks only on CUDA. With PyTorch's post-local SGD
 (``PostLocalSGDState`` + ``model_averaging_period``) on CPU, it therefore keeps DDP's per-step gradient all-reduce
-and adds the periodic model averaging on top: neither DDP nor local SGD. :class:`PostLocalSGDStrategy` registers the
+and adds the periodic model averaging on top: neither DDP nor local SGD. [`PostLocalSGDStrategy`][] registers the
 hook on CPU as well.
 """
 

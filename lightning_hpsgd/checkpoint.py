@@ -7,7 +7,7 @@ rank, gathered to rank 0 (``docs/algorithm.md``, "Checkpoints"). It lives under 
 * ``world_size``: the number of ranks that wrote it;
 * ``optimizer_states``: one list of optimizer state dicts per rank;
 * ``precision_states``: one precision-plugin state per rank (a GradScaler's scale, for example);
-* ``engine``: :meth:`lightning_hpsgd.engine.HPSGDEngine.state_dict` (``G`` of narrow tensors, promoted frozen
+* ``engine``: [`lightning_hpsgd.engine.HPSGDEngine.state_dict`][] (``G`` of narrow tensors, promoted frozen
   tensors, counters).
 
 Nothing here knows about a training framework beyond optimizers and a ``state_dict``/``load_state_dict`` protocol.

@@ -1,8 +1,8 @@
 """``hpsgd`` / ``python -m lightning_hpsgd``: LightningCLI with the HPSGD strategies registered.
 
 Everything LightningCLI does works: ``fit``, ``validate``, ``test``, ``predict``, ``--config``, ``--print_config``
-and dotted overrides. ``hpsgd plot RUN_DIR ...`` draws charts from CSV logs (:mod:`lightning_hpsgd.plot`), and
-``hpsgd dashboard --entity E`` creates the W&B comparison workspace (:mod:`lightning_hpsgd.wandb`).
+and dotted overrides. ``hpsgd plot RUN_DIR ...`` draws charts from CSV logs ([`lightning_hpsgd.plot`][]), and
+``hpsgd dashboard --entity E`` creates the W&B comparison workspace ([`lightning_hpsgd.wandb`][]).
 Importing this package first is what makes ``trainer.strategy: hpsgd`` valid by name.
 """
 
@@ -54,7 +54,7 @@ class HPSGDCLI(LightningCLI):
 
     Defaults differ from LightningCLI's in two ways: the saved ``config.yaml`` may overwrite an earlier one, so a
     recipe can be run twice in the same directory; and without a W&B API key (and no ``WANDB_MODE``) W&B runs are
-    written offline (:func:`lightning_hpsgd.wandb.offline_unless_logged_in`).
+    written offline ([`lightning_hpsgd.wandb.offline_unless_logged_in`][]).
     """
 
     def __init__(self, *args, **kwargs) -> None:

@@ -1,6 +1,6 @@
 """Everything HPSGD takes from Lightning's internals, in one place.
 
-Lightning has no public hook for three things HPSGD must change during ``fit``, so :class:`StopPatches` patches
+Lightning has no public hook for three things HPSGD must change during ``fit``, so [`StopPatches`][] patches
 them on the Trainer's own objects (instance attributes, removed together at teardown):
 
 * ``fit_loop.epoch_loop._broadcast_sigterm_tensor``: Lightning broadcasts rank 0's SIGTERM flag before **every**
@@ -16,8 +16,8 @@ them on the Trainer's own objects (instance attributes, removed together at tear
   Lightning would.
 
 It also holds the private helpers HPSGD imports, and the spawn launcher that carries the engine's counters back to
-the launching process. :func:`missing` lists what a Lightning release no longer has; the test suite fails on it by
-name, and at run time :class:`StopPatches` warns and leaves Lightning's behaviour in place.
+the launching process. [`missing`][] lists what a Lightning release no longer has; the test suite fails on it by
+name, and at run time [`StopPatches`][] warns and leaves Lightning's behaviour in place.
 """
 
 from __future__ import annotations

@@ -165,7 +165,7 @@ class EngineStats:
         last_wait_seconds, last_comm_seconds: the same, for the latest timed round.
         last_staleness_steps: the same, for the latest overlapped round.
         last_drift: ``‖R − G‖ / ‖G‖`` just before the merge, at the latest sync point that measured it (see
-            :meth:`HPSGDEngine.request_drift`), or ``None``. A 0-d tensor on the engine's device, so reading it
+            [`HPSGDEngine.request_drift`][]), or ``None``. A 0-d tensor on the engine's device, so reading it
             is the only host sync it costs.
         bytes_per_round: payload bytes of one all-reduce, per rank.
         promoted: frozen tensors found changed at a flush, and averaged in every round since.
@@ -193,7 +193,7 @@ class EngineStats:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> EngineStats:
-        """The inverse of :meth:`to_dict`; unknown keys are ignored."""
+        """The inverse of [`to_dict`][]; unknown keys are ignored."""
         known = {f.name for f in fields(cls)}
         stats = cls(**{k: v for k, v in values.items() if k in known})
         if stats.last_drift is not None:
@@ -225,7 +225,7 @@ class HPSGDEngine:
     A flush merges ``P``, runs a blocking all-reduce of the last ``Δ`` and sets ``R = S = G``, so every rank holds
     the same model and nothing is in flight. It then compares a 64-bit checksum of every floating-point tensor
     across ranks: a frozen tensor (one not in ``R``) that differs is averaged at once and joins ``R`` for every
-    later round (an EMA teacher, say), and a tensor of ``R`` that differs raises :class:`RanksDivergedError`. Frozen
+    later round (an EMA teacher, say), and a tensor of ``R`` that differs raises [`RanksDivergedError`][]. Frozen
     tensors that do not change cost nothing per round.
 
     ``G``, ``S`` and the communication buffer are flat and preallocated, in fp32 or the widest dtype of ``R``. The
@@ -246,7 +246,7 @@ class HPSGDEngine:
         merge: ``"replica"`` (HPSGD: ``R ← G + Δ``) or ``"stale"`` (``R ← G``, the stale-gradient baseline).
         comm_dtype: dtype on the wire (``None``: full precision; bf16/fp16 compress, ``G`` stays fp32 or wider).
         timeout: with gloo, the longest a merge waits for the pending all-reduce before raising
-            :class:`HPSGDCommunicationError` (default: the process group's own timeout). With NCCL the process
+            [`HPSGDCommunicationError`][] (default: the process group's own timeout). With NCCL the process
             group's timeout and watchdog apply instead, so that a merge never blocks the host.
         broadcast: whether to broadcast rank 0's values at construction (default ``True``). With ``False`` the
             caller promises that the tensors are already identical on every rank; the first flush checks it.
@@ -330,7 +330,7 @@ class HPSGDEngine:
         return any(t.dtype != self.layout.dtype for t in self.replica)
 
     def request_stop(self, reason: StopRequest = StopRequest.ABORT) -> None:
-        """Ask every rank to stop: sent with this rank's next round or flush; see :attr:`stop_requested`.
+        """Ask every rank to stop: sent with this rank's next round or flush; see ``stop_requested``.
 
         No collective of its own, so it is safe from a signal handler. Every rank sees the union of all ranks'
         requests in ``stop_requested`` after the same merge, up to two rounds later (the launch at the next sync
@@ -342,7 +342,7 @@ class HPSGDEngine:
 
     @property
     def stop_sent(self) -> StopRequest:
-        """The stop requests this rank has made (:meth:`request_stop`)."""
+        """The stop requests this rank has made ([`request_stop`][])."""
         return self._stop_to_send
 
     def on_optimizer_step(self, step: int) -> bool:
@@ -386,7 +386,7 @@ class HPSGDEngine:
         """Leave every rank with ``R = S = G``, nothing in flight, and every floating-point tensor identical.
 
         A collective: every rank must call it at the same point. It always communicates, even when this rank took
-        no step since the last flush, so that ranks whose step counts diverged get :class:`RanksOutOfStepError`
+        no step since the last flush, so that ranks whose step counts diverged get [`RanksOutOfStepError`][]
         instead of waiting for each other, and changes made outside optimizer steps (BatchNorm statistics from
         forward passes, an EMA teacher) are averaged too.
 
@@ -480,7 +480,7 @@ class HPSGDEngine:
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output right after construction (every rank loads the same state).
+        """Restore [`state_dict`][] output right after construction (every rank loads the same state).
 
         ``G`` is restored only for tensors whose saved value still rounds to the current replica, so that stale
         values (the model was changed since) are never brought back.

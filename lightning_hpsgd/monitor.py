@@ -41,8 +41,8 @@ class HPSGDMonitor(Callback):
     validation, at the step of the validation metrics and just before them.
 
     At the start of fit it adds the strategy to every logger's run config (``strategy.name``, ``strategy.sync_every``,
-    ..., see :func:`describe_strategy`), and makes ``time/wall_s`` an x-axis of every metric in W&B
-    (:func:`lightning_hpsgd.wandb.define_wall_time_axis`).
+    ..., see [`describe_strategy`][]), and makes ``time/wall_s`` an x-axis of every metric in W&B
+    ([`lightning_hpsgd.wandb.define_wall_time_axis`][]).
 
     Rank 0 writes; the cross-rank maxima cost one small all-reduce per log. Metrics go out the way Lightning's own
     ``LearningRateMonitor`` sends its values, at the step of Lightning's other training metrics.

@@ -25,7 +25,7 @@ _DEFAULT_GROUP = {"destroy_at_exit": False}
 
 
 def new_group(backend: str | None, timeout: timedelta | None) -> dist.ProcessGroup:
-    """A new process group over every rank, destroyed at interpreter exit unless :func:`forget` is called."""
+    """A new process group over every rank, destroyed at interpreter exit unless [`forget`][] is called."""
     group = dist.new_group(backend=backend, timeout=timeout)
     _OWN_GROUPS[id(group)] = group
     return group

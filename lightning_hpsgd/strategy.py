@@ -1,13 +1,13 @@
 """``HPSGDStrategy``: Lightning's lifecycle mapped onto the HPSGD engine.
 
 * setup → build the engine (broadcast and initialise);
-* before each batch → follow tensors that user code replaced or froze (:meth:`HPSGDEngine.follow`);
+* before each batch → follow tensors that user code replaced or froze ([`HPSGDEngine.follow`][]);
 * optimizer step → sync point;
 * validation start, checkpoint, end of fit and teardown → flush;
 * an agreed stop (SIGTERM, time limit) → flush, then Lightning's own stop; any other exception → abandon.
 
-The rule lives in :mod:`lightning_hpsgd.engine`, what Lightning does not expose in :mod:`lightning_hpsgd.compat`,
-and what a checkpoint holds in :mod:`lightning_hpsgd.checkpoint`.
+The rule lives in [`lightning_hpsgd.engine`][], what Lightning does not expose in [`lightning_hpsgd.compat`][],
+and what a checkpoint holds in [`lightning_hpsgd.checkpoint`][].
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ REGISTERED_NAMES: dict[str, dict[str, str]] = {
 class HPSGDStrategy(DDPStrategy):
     """Hierarchical Parallel SGD: each rank trains its own replica while the previous round's average is in flight.
 
-    A subclass of [DDPStrategy][lightning.pytorch.strategies.DDPStrategy] that reuses its launchers, cluster
+    A subclass of Lightning's ``DDPStrategy`` that reuses its launchers, cluster
     environments and distributed samplers, but never wraps the model in ``DistributedDataParallel``: gradients
     stay local, and every ``sync_every`` optimizer steps the rank's change is all-reduced on a process group of its
     own, overlapped with the next steps (see the algorithm page of the documentation).
@@ -80,7 +80,7 @@ class HPSGDStrategy(DDPStrategy):
     floating-point buffers in every round, and frozen tensors (an EMA teacher) from the first flush that finds them
     changed. Tensors that user code replaces (SWA's BatchNorm reset, ``module.weight = nn.Parameter(...)``) are
     followed before the next batch. Right after every flush the module is bit-identical on every rank, or
-    :class:`~lightning_hpsgd.engine.RanksDivergedError` names the tensor that is not.
+    [`RanksDivergedError`][lightning_hpsgd.engine.RanksDivergedError] names the tensor that is not.
 
     Args:
         sync_every: ``H``, optimizer steps per round, counted as ``trainer.global_step`` counts them (so gradient
@@ -95,8 +95,8 @@ class HPSGDStrategy(DDPStrategy):
             number). Default: PyTorch's default process group timeout (30 minutes), as in DDP.
         start_method: ``"popen"`` (default; re-runs the script per rank), ``"spawn"``, ``"fork"`` or
             ``"forkserver"``, as in DDP.
-        monitor: add an :class:`~lightning_hpsgd.monitor.HPSGDMonitor` (``hpsgd/…`` metrics in every logger) during
-            fit unless the Trainer already has one (default ``True``).
+        monitor: add an [`HPSGDMonitor`][lightning_hpsgd.monitor.HPSGDMonitor] (``hpsgd/…`` metrics in every
+            logger) during fit unless the Trainer already has one (default ``True``).
         accelerator: as in DDP; the ``Trainer`` sets it.
         parallel_devices: as in DDP; the ``Trainer`` sets it.
         cluster_environment: as in DDP; the ``Trainer`` sets it.

@@ -153,7 +153,7 @@ def differs_across_ranks(values: Tensor, group: dist.ProcessGroup | None = None)
 def average_tensors(tensors: Sequence[Tensor], group: dist.ProcessGroup | None = None) -> None:
     """Replace ``tensors`` on every rank by their mean over the ranks of ``group`` (a blocking collective).
 
-    The sum runs in :func:`accumulation_dtype` (fp32 or wider), and every rank writes back the same rounded mean.
+    The sum runs in [`accumulation_dtype`][] (fp32 or wider), and every rank writes back the same rounded mean.
     """
     layout = FlatLayout(tensors, accumulation_dtype(tensors))
     flat = layout.new_buffer()

@@ -1,11 +1,11 @@
 """Weights & Biases, the way a team uses it: offline without an API key, a wall-time axis, runs read back locally.
 
-* :func:`offline_unless_logged_in` makes ``WandbLogger`` write offline runs when no API key is configured (the
+* [`offline_unless_logged_in`][] makes ``WandbLogger`` write offline runs when no API key is configured (the
   ``hpsgd`` command calls it), so recipes run on machines without W&B access and sync later with ``wandb sync``.
-* :func:`define_wall_time_axis` makes every metric chartable against ``time/wall_s`` as well as the step
+* [`define_wall_time_axis`][] makes every metric chartable against ``time/wall_s`` as well as the step
   (``HPSGDMonitor`` calls it for each ``WandbLogger``).
-* :func:`read_run` reads an offline (or synced) run's ``.wandb`` file back, with wandb's own record reader.
-* :func:`build_workspace` describes the comparison dashboard of ``docs/wandb.md`` with ``wandb-workspaces``
+* [`read_run`][] reads an offline (or synced) run's ``.wandb`` file back, with wandb's own record reader.
+* [`build_workspace`][] describes the comparison dashboard of ``docs/wandb.md`` with ``wandb-workspaces``
   (``hpsgd dashboard``).
 """
 
@@ -91,10 +91,10 @@ def find_run_files(root: str | os.PathLike[str]) -> list[Path]:
 
 
 def read_run(path: str | os.PathLike[str]) -> WandbRun:
-    """Decode one run's ``run-<id>.wandb`` transaction log (offline or synced) into a :class:`WandbRun`.
+    """Decode one run's ``run-<id>.wandb`` transaction log (offline or synced) into a [`WandbRun`][].
 
     wandb 0.31 has no Python reader of its own any more (its Go service writes the file), so this reads the format
-    directly: :func:`iter_records` and wandb's ``Record`` protobuf.
+    directly: [`iter_records`][] and wandb's ``Record`` protobuf.
 
     Args:
         path: the ``.wandb`` file, or a folder that holds exactly one (a run's ``offline-run-*`` folder).

@@ -58,3 +58,15 @@ def test_no_page_shows_a_raw_include_line(site, page):
     text = page_text(site, page)
     raw = [line for line in text.splitlines() if re.match(r"\s*-+8\s*<", line)]
     assert not raw, f"{page.name} shows {raw}"
+
+
+def test_api_reference_shows_no_raw_sphinx_roles_or_unresolved_references(site):
+    """Cross-references render as links: no `:class:`/`:meth:` text, and no `[name][target]` left unresolved."""
+    text = page_text(site, ROOT / "docs" / "api.md")
+    assert "HPSGDStrategy" in text and "RanksDivergedError" in text
+    roles = re.findall(r".{0,40}:(?:class|meth|func|attr|mod|exc):.{0,40}", text)
+    assert not roles, roles
+    unresolved = re.findall(r".{0,40}\]\[[\w.]*\].{0,20}", text)
+    assert not unresolved, unresolved
+    links = (site / "api" / "index.html").read_text().count('class="autorefs autorefs-internal"')
+    assert links >= 20, f"only {links} cross-reference links on the API page"

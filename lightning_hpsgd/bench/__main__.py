@@ -1,11 +1,11 @@
 """``python -m lightning_hpsgd.bench``: the project's benchmarks, printed as ratios measured side by side.
 
 * ``python -m lightning_hpsgd.bench [options]``: HPSGD against DDP, post-local SGD and the compute-only limit over
-  a real throttled link (:mod:`lightning_hpsgd.bench.compare`); ``make bench`` runs it.
+  a real throttled link ([`lightning_hpsgd.bench.compare`][]); ``make bench`` runs it.
 * ``python -m lightning_hpsgd.bench overlap``: the engine alone, wait per round over all-reduce time.
 * ``python -m lightning_hpsgd.bench monitor``: HPSGD's step time with ``HPSGDMonitor`` on against off.
 * ``python -m lightning_hpsgd.bench gpu``: compute-only, DDP and HPSGD (H=1, H=4) on this machine's GPUs
-  (:mod:`lightning_hpsgd.bench.gpu`).
+  ([`lightning_hpsgd.bench.gpu`][]).
 """
 
 from __future__ import annotations

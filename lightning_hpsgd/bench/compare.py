@@ -2,7 +2,7 @@
 
 ``python -m lightning_hpsgd.bench [--comm-ratio X] [--workers N] [--quick] [--out DIR]``:
 
-1. **Link.** One network namespace per worker, joined by rate-limited veth links (:mod:`.netns`). Without root or
+1. **Link.** One network namespace per worker, joined by rate-limited veth links ([`.netns`][]). Without root or
    iproute2 it falls back to loopback and says so, loudly, in the report.
 2. **Calibration.** At full speed it measures one training step's compute time and one all-reduce of the model.
    It then sets the link speed so that one all-reduce takes ``comm_ratio`` times one step of compute (two

@@ -7,8 +7,8 @@ Layout for ``N`` workers (all names carry the orchestrator's PID, so concurrent 
     worker namespace j:  eth0 (10.213.0.<j+1>/24, tbf egress)  ──veth──  v<j> (tbf egress) ┘
 
 Each worker's link is limited to the same rate in both directions (``tc qdisc ... tbf``), like a machine's network
-card. Nothing is created in the root namespace. Needs root and iproute2 (``ip``, ``tc``). :class:`SlowLink` removes
-everything on exit, on errors and on Ctrl-C; :func:`remove_stale` removes what a killed run left behind.
+card. Nothing is created in the root namespace. Needs root and iproute2 (``ip``, ``tc``). [`SlowLink`][] removes
+everything on exit, on errors and on Ctrl-C; [`remove_stale`][] removes what a killed run left behind.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ def tbf_args(mbit: float) -> list[str]:
 class SlowLink:
     """Network namespaces for ``workers`` processes joined by a bridge, each link limited to ``mbit``.
 
-    Use as a context manager. :meth:`address` is a worker's IP, :meth:`exec_prefix` the command prefix that runs a
-    program inside its namespace, and :meth:`set_rate` changes every link's speed in place.
+    Use as a context manager. [`address`][] is a worker's IP, [`exec_prefix`][] the command prefix that runs a
+    program inside its namespace, and [`set_rate`][] changes every link's speed in place.
 
     Raises:
         NetnsUnavailable: if the namespaces cannot be made (whatever was made is removed first).

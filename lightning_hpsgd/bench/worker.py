@@ -1,6 +1,6 @@
 """One worker of a benchmark run: ``python -m lightning_hpsgd.bench.worker SPEC_JSON``.
 
-The orchestrator (:mod:`lightning_hpsgd.bench.compare`) starts one per network namespace, as a Lightning "node"
+The orchestrator ([`lightning_hpsgd.bench.compare`][]) starts one per network namespace, as a Lightning "node"
 (``num_nodes=N``, ``devices=1``, with ``MASTER_ADDR``, ``NODE_RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` set), so gloo
 traffic crosses the throttled link. ``compute-only`` workers train at the same time with no process group at all.
 Each writes its measurements to ``SPEC["out"]`` as JSON.

@@ -1,7 +1,7 @@
 """Models and data modules that the YAML recipes in ``recipes/`` name by ``class_path``.
 
-* :class:`MNIST1DDataModule`, :class:`MNIST1DClassifier`: MNIST-1D, generated locally (the offline default).
-* :class:`CIFAR10DataModule`, :class:`CIFAR10ResNet18`: CIFAR-10 with a torchvision ResNet-18 (for GPU machines).
+* [`MNIST1DDataModule`][], [`MNIST1DClassifier`][]: MNIST-1D, generated locally (the offline default).
+* [`CIFAR10DataModule`][], [`CIFAR10ResNet18`][]: CIFAR-10 with a torchvision ResNet-18 (for GPU machines).
 """
 
 from lightning_hpsgd.recipes.cifar10 import CIFAR10DataModule, CIFAR10ResNet18
