@@ -70,3 +70,20 @@ def test_api_reference_shows_no_raw_sphinx_roles_or_unresolved_references(site):
     assert not unresolved, unresolved
     links = (site / "api" / "index.html").read_text().count('class="autorefs autorefs-internal"')
     assert links >= 20, f"only {links} cross-reference links on the API page"
+
+
+def test_every_tracked_image_is_shown_on_a_page(site):
+    shown = set()
+    for built in site.rglob("*.html"):
+        shown |= {Path(src).name for src in re.findall(r'<img[^>]+src="([^"]+)"', built.read_text())}
+    images = {p.name for p in (ROOT / "docs" / "img").iterdir() if p.suffix in (".png", ".svg", ".jpg")}
+    assert images <= shown, f"in docs/img but on no page: {sorted(images - shown)}"
+
+
+def test_api_parameters_are_lists_and_no_table_header_is_empty(site):
+    """Parameter tables overflowed the page at 1280 px: the API page lists them instead. Every table header names
+    its column."""
+    assert "<table" not in (site / "api" / "index.html").read_text()
+    for built in site.rglob("*.html"):
+        empty = re.findall(r"<th[^>]*>\s*</th>", built.read_text())
+        assert not empty, f"{built.relative_to(site)} has a table column without a header"
