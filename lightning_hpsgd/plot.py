@@ -1,12 +1,14 @@
 """``hpsgd plot RUN_DIR [RUN_DIR ...]``: PNG charts from CSVLogger runs, without W&B.
 
 Each RUN_DIR is a CSVLogger version folder (holding ``metrics.csv``) or a folder above such folders (the newest
-version is taken). Three charts are written to ``--out`` (default: the current folder):
+version is taken). Four charts are written to ``--out`` (default: the current folder):
 
 * ``accuracy_vs_wall_time.png``: the validation metric of every run against wall time (``time/wall_s``, logged by
   ``HPSGDMonitor``), on one chart: accuracy at a fixed wall time, the paper's central view;
 * ``loss_vs_step.png``: the training loss of every run against the step;
-* ``wait_vs_comm.png``: ``hpsgd/comm_ms`` and ``hpsgd/wait_ms`` per step, for the runs that have them.
+* ``wait_vs_comm.png``: ``hpsgd/comm_ms`` and ``hpsgd/wait_ms`` per step, for the runs that have them;
+* ``hidden_vs_step.png``: ``hpsgd/hidden``, the fraction of communication hidden behind compute (1: fully hidden),
+  per step: the key question of whether HPSGD pays off on this link.
 """
 
 from __future__ import annotations
@@ -18,6 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["load_run", "main", "plot_runs"]
+
+DESCRIPTION = (
+    "Draw PNG charts from CSVLogger runs, without W&B: validation metric against wall time, training loss against"
+    " step, all-reduce time and wait per round, and the hidden fraction of communication. Each RUN is a CSVLogger"
+    " folder (holding metrics.csv) or a folder above such folders (the newest version is taken)."
+)
+EXAMPLE = "example: hpsgd plot lightning_logs/mnist1d_hpsgd --out plots"
 
 
 def find_metrics(run_dir: Path) -> Path:
@@ -109,6 +118,20 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, metric: str = "val/acc", loss
     else:
         ax.text(0.5, 0.5, "no hpsgd/comm_ms in these runs", ha="center", transform=ax.transAxes)
     written.append(_save(fig, out / "wait_vs_comm.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, series in runs:
+        points = series.get("hpsgd/hidden", [])
+        if points:
+            ax.plot([s for s, _ in points], [v for _, v in points], marker=".", label=label)
+    ax.set(xlabel="step", ylabel="hidden fraction (1 - wait / comm)", ylim=(-0.05, 1.05),
+           title="how much of each round's communication was hidden behind compute")  # fmt: skip
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no hpsgd/hidden in these runs", ha="center", transform=ax.transAxes)
+    written.append(_save(fig, out / "hidden_vs_step.png"))
     return written
 
 
@@ -123,11 +146,16 @@ def _save(fig, path: Path) -> Path:
 
 def main(args: Sequence[str] | None = None) -> None:
     """``hpsgd plot``."""
-    parser = argparse.ArgumentParser(prog="hpsgd plot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="CSVLogger folders (e.g. lightning_logs/mnist1d_hpsgd)")
+    parser = argparse.ArgumentParser(prog="hpsgd plot", description=DESCRIPTION, epilog=EXAMPLE)
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN",
+                        help="CSVLogger folders (e.g. lightning_logs/mnist1d_hpsgd)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for the PNG files (default: .)")
     parser.add_argument("--metric", default="val/acc", help="validation metric to chart (default: val/acc)")
     parser.add_argument("--loss", default="train/loss", help="training loss to chart (default: train/loss)")
     parsed = parser.parse_args(args)
-    for path in plot_runs(parsed.runs, parsed.out, parsed.metric, parsed.loss):
+    try:
+        written = plot_runs(parsed.runs, parsed.out, parsed.metric, parsed.loss)
+    except FileNotFoundError as err:
+        parser.exit(2, f"hpsgd plot: error: {err}\n")  # a user error: one line, no traceback
+    for path in written:
         print(path)

@@ -59,6 +59,7 @@ def test_plot_command_charts_two_runs(tmp_path):
         run_ranks("fit", tmp_path / merge, {**args, "merge": merge})
     runs = [str(tmp_path / merge / "logs") for merge in ("replica", "stale")]
     label, series = load_run(tmp_path / "replica" / "logs")
+    assert series["hpsgd/hidden"], "the hidden fraction is in the CSV, so hpsgd plot can chart it"
     val_steps = [s for s, _ in series["val_loss"]]
     assert len(val_steps) == 3 and all(t > 0 for t in wall_time_of(series, val_steps))
 
@@ -68,7 +69,7 @@ def test_plot_command_charts_two_runs(tmp_path):
         cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    for name in ("accuracy_vs_wall_time.png", "loss_vs_step.png", "wait_vs_comm.png"):
+    for name in ("accuracy_vs_wall_time.png", "loss_vs_step.png", "wait_vs_comm.png", "hidden_vs_step.png"):
         png = tmp_path / "plots" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, name
 
@@ -85,3 +86,26 @@ def test_monitor_writes_hpsgd_scalars_to_tensorboard(tmp_path):
     comm = [e.value for e in accumulator.Scalars("hpsgd/comm_ms")]
     assert comm and all(v > 0 for v in comm)
     assert {e.value for e in accumulator.Scalars("hpsgd/staleness")} == {2.0}
+
+
+def test_plot_command_help_and_a_folder_without_logs(tmp_path):
+    """`hpsgd plot --help` is plain text with an example; a folder without logs is one line, not a traceback."""
+    import subprocess
+    import sys
+
+    from tests.launch import ROOT, base_env
+
+    def plot(*args):
+        return subprocess.run([sys.executable, "-m", "lightning_hpsgd", "plot", *args], cwd=ROOT, env=base_env(),
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    shown = plot("--help")
+    assert shown.returncode == 0 and "``" not in shown.stdout and "example: hpsgd plot" in shown.stdout
+    assert "hidden fraction" in shown.stdout
+    (tmp_path / "empty").mkdir()
+    failed = plot(str(tmp_path / "empty"))
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr
+    assert failed.stderr.strip().splitlines() == [
+        f"hpsgd plot: error: No metrics.csv in {tmp_path / 'empty'} or below it. Pass a CSVLogger folder, e.g."
+        " lightning_logs/mnist1d_hpsgd."
+    ]
