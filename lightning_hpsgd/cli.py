@@ -8,15 +8,156 @@ Importing this package first is what makes ``trainer.strategy: hpsgd`` valid by 
 
 from __future__ import annotations
 
+import difflib
+import os
 import sys
+import textwrap
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch.cli import LightningCLI
 
 import lightning_hpsgd  # noqa: F401  (registers the strategy names before the Trainer is built)
+from lightning_hpsgd.engine import HPSGDError, validate_options
 from lightning_hpsgd.strategy import REGISTERED_NAMES
 from lightning_hpsgd.wandb import dashboard_main, offline_unless_logged_in
+
+RECIPES_DIR = Path(lightning_hpsgd.__file__).resolve().parent.parent / "recipes"
+
+TOP_LEVEL_HELP = """\
+usage: hpsgd {{fit,validate,test,predict,plot,dashboard}} [options]
+
+Train any LightningModule with HPSGD (Hierarchical Parallel SGD): each worker trains its own replica while the
+average of the workers' changes travels over the network, so communication hides behind compute. This is
+LightningCLI with HPSGD's strategies registered, so --trainer.strategy hpsgd works in a YAML recipe or on the
+command line. Strategy names: {names},
+and the baseline localsgd.
+
+subcommands:
+  fit         train (LightningCLI: --config RECIPE.yaml, dotted overrides such as --trainer.max_epochs 5)
+  validate    validate a model (from a checkpoint with --ckpt_path)
+  test        test a model
+  predict     predict with a model
+  plot        PNG charts from CSV logs: accuracy against wall time, wait and communication per round
+  dashboard   create the W&B comparison workspace for logged runs
+
+recipes ({recipes}):
+{recipe_list}
+
+examples:
+  hpsgd fit --config recipes/mnist1d.yaml --trainer.strategy.sync_every 2
+  hpsgd fit --config recipes/mnist1d.yaml --print_config     # the whole configuration, every option
+  hpsgd plot lightning_logs/mnist1d_hpsgd --out plots
+
+Each subcommand has its own --help. Errors print one line; set HPSGD_DEBUG=1 for the traceback.
+"""
+
+
+class UsageError(Exception):
+    """A command line the ``hpsgd`` command refuses before it starts: one line, no traceback."""
+
+
+def top_level_help() -> str:
+    """What ``hpsgd --help`` prints: the command, every subcommand, the recipes folder and examples."""
+    recipes = sorted(p.name for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+    return TOP_LEVEL_HELP.format(
+        names=", ".join(REGISTERED_NAMES),
+        recipes=RECIPES_DIR if recipes else "the recipes/ folder of the lightning-hpsgd repository",
+        recipe_list=textwrap.fill(
+            ", ".join(recipes) or "(not found next to this installation)",
+            width=110,
+            initial_indent="  ",
+            subsequent_indent="  ",
+        ),  # fmt: skip
+    )
+
+
+def check_command_line(args: Sequence[str]) -> None:
+    """Refuse, in one line each, the mistakes that LightningCLI reports in a page of usage or traceback.
+
+    Checks the ``--config`` file, the strategy name, and the strategy's ``sync_every`` and ``merge``, from the
+    command line and from the ``--config`` YAML.
+
+    Raises:
+        UsageError: naming what was wrong, the value received and the fix.
+    """
+    values = _option_values(args)
+    strategy_options: dict[str, Any] = {}
+    for config in values.get("--config", []) + values.get("-c", []):
+        path = Path(config)
+        if not path.is_file():
+            raise UsageError(_missing_config(path))
+        strategy = _yaml_strategy(path)
+        if isinstance(strategy, str):
+            _check_strategy_name(strategy)
+        elif isinstance(strategy, dict):
+            strategy_options.update(strategy.get("init_args") or {})
+    for name in values.get("--trainer.strategy", []):
+        _check_strategy_name(name)
+    for key in ("sync_every", "merge"):
+        for value in values.get(f"--trainer.strategy.{key}", []):
+            strategy_options[key] = int(value) if key == "sync_every" and _is_int(value) else value
+    sync_every, merge = strategy_options.get("sync_every", 1), strategy_options.get("merge", "replica")
+    try:
+        validate_options(sync_every, merge)
+    except ValueError as err:
+        raise UsageError(f"--trainer.strategy.{str(err).split(' ', 1)[0]}: {err}") from None
+
+
+def _option_values(args: Sequence[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for i, arg in enumerate(args):
+        if "=" in arg and arg.startswith("-"):
+            key, value = arg.split("=", 1)
+            out.setdefault(key, []).append(value)
+        elif arg.startswith("-") and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out.setdefault(arg, []).append(args[i + 1])
+    return out
+
+
+def _is_int(value: str) -> bool:
+    try:
+        int(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _missing_config(path: Path) -> str:
+    here = sorted(RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+    names = [p.name for p in here]
+    close = difflib.get_close_matches(path.name, names, n=1)
+    hint = f" Did you mean {RECIPES_DIR.name}/{close[0]}?" if close else ""
+    listing = f" Recipes in {RECIPES_DIR}: {', '.join(names)}." if names else ""
+    return f"--config: no such file: {str(path)!r}.{hint}{listing}"
+
+
+def _yaml_strategy(path: Path) -> Any:
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None  # LightningCLI reports what is wrong with the file
+    trainer = loaded.get("trainer") if isinstance(loaded, dict) else None
+    return trainer.get("strategy") if isinstance(trainer, dict) else None
+
+
+def _check_strategy_name(name: str) -> None:
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if "." in name or name in StrategyRegistry:
+        return
+    known = sorted(StrategyRegistry.available_strategies())
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    hpsgd = ", ".join(REGISTERED_NAMES)
+    raise UsageError(
+        f"--trainer.strategy: unknown strategy {name!r}.{hint} HPSGD's names: {hpsgd}; Lightning's include ddp,"
+        " ddp_spawn, fsdp, auto (or give a class path such as lightning_hpsgd.HPSGDStrategy)."
+    )
 
 
 def expand_strategy_names(args: Sequence[str]) -> list[str]:
@@ -37,6 +178,10 @@ def expand_strategy_names(args: Sequence[str]) -> list[str]:
             name, step = args[i + 1], 2
         elif arg.startswith("--trainer.strategy="):
             name, step = arg.split("=", 1)[1], 1
+        if arg == "--trainer.strategy.help" and i + 1 < len(args) and args[i + 1] in REGISTERED_NAMES:
+            out += [arg, "lightning_hpsgd.HPSGDStrategy"]  # help on a registered name: its class
+            i += 2
+            continue
         has_options = any(a.startswith("--trainer.strategy.") for a in args[i + 1 :])
         if name in REGISTERED_NAMES and has_options:
             out += ["--trainer.strategy", "lightning_hpsgd.HPSGDStrategy"]
@@ -59,6 +204,7 @@ class HPSGDCLI(LightningCLI):
 
     def __init__(self, *args, **kwargs) -> None:
         offline_unless_logged_in()
+        kwargs.setdefault("parser_kwargs", {"prog": "hpsgd"})
         if isinstance(kwargs.get("args"), (list, tuple)):
             kwargs["args"] = expand_strategy_names(kwargs["args"])
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -76,6 +222,23 @@ def main(args: Sequence[str] | None = None) -> None:
     if argv[:1] == ["dashboard"]:
         dashboard_main(argv[1:])
         return
+    if not argv or argv[0] in ("-h", "--help"):
+        print(top_level_help())
+        return
+    debug = os.environ.get("HPSGD_DEBUG", "") not in ("", "0")
+    try:
+        check_command_line(argv)
+    except UsageError as err:
+        raise SystemExit(f"hpsgd: error: {err}") from None
+    try:
+        _run(args)
+    except (ValueError, HPSGDError) as err:
+        if debug:
+            raise
+        raise SystemExit(f"hpsgd: error: {err}\n(HPSGD_DEBUG=1 shows the traceback)") from None
+
+
+def _run(args: Sequence[str] | None) -> None:
     if args is None:
         # Rewritten in place, so that Lightning's popen launcher re-runs the same (expanded) command per rank.
         sys.argv[1:] = expand_strategy_names(sys.argv[1:])

@@ -146,3 +146,57 @@ def test_console_script_is_installed():
     done = subprocess.run([str(script), "fit", "--help"], env=base_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--trainer.strategy" in done.stdout and "--config" in done.stdout
+
+
+def test_top_level_help_names_the_project_every_subcommand_the_recipes_and_an_example(tmp_path):
+    for command in ([sys.executable, "-m", "lightning_hpsgd", "--help"], [str(Path(sys.executable).parent / "hpsgd")]):
+        done = subprocess.run(command, cwd=tmp_path, env=base_env(), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        out = done.stdout
+        assert out.startswith("usage: hpsgd {fit,validate,test,predict,plot,dashboard}") and "__main__" not in out
+        assert "HPSGD (Hierarchical Parallel SGD)" in out
+        for subcommand in ("fit", "validate", "test", "predict", "plot", "dashboard"):
+            assert re.search(rf"^  {subcommand} ", out, re.MULTILINE), subcommand
+        assert f"recipes ({ROOT / 'recipes'})" in out and "mnist1d.yaml" in out
+        assert "hpsgd fit --config recipes/mnist1d.yaml" in out
+        assert max(len(line) for line in out.splitlines()) <= 120
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--config", MNIST1D, "--trainer.strategy.sync_every", "0", "--print_config"],
+         "--trainer.strategy.sync_every: sync_every must be an integer >= 1 (optimizer steps per round); received 0."),
+        (["--config", MNIST1D, "--trainer.strategy.merge", "foo"],
+         "--trainer.strategy.merge: merge must be one of ['replica', 'stale']; received 'foo'."),
+        (["--config", MNIST1D, "--trainer.strategy", "hpsdg"],
+         "--trainer.strategy: unknown strategy 'hpsdg'. Did you mean 'hpsgd'?"),
+        (["--config", str(ROOT / "recipes" / "mnist1dd.yaml")],
+         "--config: no such file: '" + str(ROOT / "recipes" / "mnist1dd.yaml") + "'. Did you mean recipes/mnist1d.yaml?"
+         f" Recipes in {ROOT / 'recipes'}: cifar10_resnet18.yaml,"),
+    ],
+    ids=["sync_every-0", "merge-foo", "misspelled-strategy", "misspelled-recipe"],
+)  # fmt: skip
+def test_user_errors_end_in_one_short_line(args, message, tmp_path):
+    done = run_cli(["fit", *args], cwd=tmp_path)
+    assert done.returncode != 0
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, lines
+    assert lines[0].startswith("hpsgd: error: " + message), lines[0]
+
+
+def test_sync_every_0_in_a_yaml_recipe_is_refused_as_on_the_command_line(tmp_path):
+    recipe = (ROOT / "recipes" / "mnist1d.yaml").read_text().replace("sync_every: 1", "sync_every: 0")
+    (tmp_path / "bad.yaml").write_text(recipe)
+    done = run_cli(["fit", "--config", str(tmp_path / "bad.yaml"), "--print_config"], cwd=tmp_path)
+    assert done.returncode != 0 and done.stderr.strip().splitlines() == [
+        "hpsgd: error: --trainer.strategy.sync_every: sync_every must be an integer >= 1 (optimizer steps per round);"
+        " received 0."
+    ]
+
+
+def test_strategy_help_accepts_a_registered_name(tmp_path):
+    done = run_cli(["fit", "--trainer.strategy.help", "hpsgd"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--trainer.strategy.sync_every SYNC_EVERY" in done.stdout
+    assert "--trainer.strategy.merge {replica,stale}" in done.stdout
