@@ -87,3 +87,16 @@ def test_api_parameters_are_lists_and_no_table_header_is_empty(site):
     for built in site.rglob("*.html"):
         empty = re.findall(r"<th[^>]*>\s*</th>", built.read_text())
         assert not empty, f"{built.relative_to(site)} has a table column without a header"
+
+
+def test_benchmarks_page_leads_with_the_result(site):
+    page = (site / "benchmarks" / "index.html").read_text()
+    headings = [
+        html.unescape(re.sub(r"<[^>]+>", "", h)).rstrip("¶").strip() for h in re.findall(r"<h2[^>]*>(.*?)</h2>", page)
+    ]
+    assert headings[0] == "The result in short", headings
+    article = page[page.index("<article") : page.index("</article>")]
+    text = html.unescape(re.sub(r"<[^>]+>", "", article))
+    first_section = text.split("How to run it")[0]
+    assert "sync_every" in first_section and "accuracy at equal steps" in first_section
+    assert "fixed on the way" not in text
