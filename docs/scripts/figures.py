@@ -21,7 +21,8 @@ COMPUTE, COMM, WAIT = "#4C72B0", "#DD8452", "#D9D9D9"
 
 def timeline(path: Path, steps: int = 4, compute: float = 1.0, comm: float = 1.0) -> None:
     """Gantt rows: DDP waits for each all-reduce; HPSGD runs the next step while the previous all-reduce travels."""
-    fig, ax = plt.subplots(figsize=(10, 3.2))
+    # Drawn at the width the page shows it (about 760 px), so the labels are read at their own size.
+    fig, ax = plt.subplots(figsize=(7, 3.6))
     rows = {"DDP: compute": 3.0, "DDP: network": 2.4, "HPSGD: compute": 1.2, "HPSGD: network": 0.6}
     t = 0.0
     for _ in range(steps):  # DDP: backward's all-reduce must finish before the optimizer step
@@ -42,11 +43,12 @@ def timeline(path: Path, steps: int = 4, compute: float = 1.0, comm: float = 1.0
     ax.set_xlim(0, ddp_end + 0.2)
     ax.axvline(ddp_end, color=COMPUTE, ls=":", lw=1)
     ax.axvline(hpsgd_end, color=COMPUTE, ls=":", lw=1)
-    ax.text(ddp_end, 3.6, f"DDP: {steps} steps", ha="right", fontsize=9)
-    ax.text(hpsgd_end + 0.1, 1.3, f"HPSGD: {steps} steps\n(the last round is merged by the flush)", fontsize=9)
+    ax.set_ylim(0.4, 3.95)
+    ax.text(ddp_end - 0.05, 3.55, f"DDP: {steps} steps", ha="right", fontsize=9)
+    ax.text(hpsgd_end + 0.1, 1.05, f"HPSGD: {steps} steps\n(the last round\nis merged by the flush)", fontsize=9)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in (COMPUTE, COMM, WAIT)]
     ax.legend(handles, ["compute", "all-reduce on the network", "waiting"], loc="upper center",
-              bbox_to_anchor=(0.5, -0.28), ncol=3, frameon=False)  # fmt: skip
+              bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)  # fmt: skip
     ax.set_title("One worker, communication as slow as compute")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
