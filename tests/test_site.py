@@ -100,3 +100,16 @@ def test_benchmarks_page_leads_with_the_result(site):
     first_section = text.split("How to run it")[0]
     assert "sync_every" in first_section and "accuracy at equal steps" in first_section
     assert "fixed on the way" not in text
+
+
+def test_the_project_cites_only_its_own_files():
+    """The rule is stated in docs/algorithm.md; nothing points at a reference outside the repository."""
+    outside = ("HPSGD" + ".md", "../" + "shared")  # spelled in two parts, so this file does not match itself
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    offenders = [
+        name
+        for name in tracked
+        if Path(name).suffix in (".py", ".md", ".yaml", ".yml", ".toml", ".txt", ".sh", ".cfg")
+        and any(needle in (ROOT / name).read_text(errors="replace") for needle in outside)
+    ]
+    assert tracked and not offenders, offenders
