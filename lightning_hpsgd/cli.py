@@ -233,9 +233,19 @@ def main(args: Sequence[str] | None = None) -> None:
     try:
         _run(args)
     except (ValueError, HPSGDError) as err:
-        if debug:
+        # HPSGD's own errors (bad options, faults) are for the user: one line. A ValueError from anywhere else (the
+        # user's module, a library) may be a bug, and keeps its traceback.
+        if debug or not (isinstance(err, HPSGDError) or _raised_by_this_package(err)):
             raise
         raise SystemExit(f"hpsgd: error: {err}\n(HPSGD_DEBUG=1 shows the traceback)") from None
+
+
+def _raised_by_this_package(err: BaseException) -> bool:
+    frame = err.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    package = Path(lightning_hpsgd.__file__).resolve().parent
+    return frame is not None and Path(frame.tb_frame.f_code.co_filename).resolve().is_relative_to(package)
 
 
 def _run(args: Sequence[str] | None) -> None:

@@ -324,11 +324,6 @@ class HPSGDEngine:
         """Whether a round is in flight or an optimizer step was taken since the last flush (this rank's view)."""
         return self.pending is not None or self._steps_since_flush > 0
 
-    @property
-    def replica_is_narrow(self) -> bool:
-        """Whether some tensor of ``R`` is narrower than ``G`` (bf16-true), so that ``G`` holds bits ``R`` cannot."""
-        return any(t.dtype != self.layout.dtype for t in self.replica)
-
     def request_stop(self, reason: StopRequest = StopRequest.ABORT) -> None:
         """Ask every rank to stop: sent with this rank's next round or flush; see ``stop_requested``.
 
@@ -530,6 +525,9 @@ class HPSGDEngine:
         if not self.replica:
             raise ValueError("HPSGD found no tensor to average: give it at least one trainable floating-point tensor.")
         self.layout = FlatLayout(self.replica, accumulation_dtype(self.replica))
+        # Whether some tensor of R is narrower than G (bf16-true), so that G holds bits R cannot. Set once per
+        # layout: a replaced tensor keeps its dtype, and anything else rebuilds the layout.
+        self.replica_is_narrow = any(t.dtype != self.layout.dtype for t in self.replica)
 
     def _build_buffers(self, global_values: Mapping[str, Tensor]) -> None:
         """(Re)allocate G, S and the wire for the current layout. ``G`` starts from ``R``, or from ``global_values``
@@ -620,9 +618,9 @@ class HPSGDEngine:
         average it in every round from now on. A tensor of ``R`` that differs means the model is not what the
         engine wrote: raise, naming it.
         """
-        tensors = self.replica + self.frozen
         if self.world_size == 1:
             return
+        tensors = self.replica + self.frozen
         try:
             flags = differs_across_ranks(checksums(tensors), self.group)
         except RuntimeError as err:

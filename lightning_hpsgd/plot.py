@@ -112,11 +112,7 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, metric: str = "val/acc", loss
             if points:
                 ax.plot([s for s, _ in points], [v for _, v in points], style, label=f"{label}: {key[6:]}")
     ax.set(xlabel="step", ylabel="ms per round", title="all-reduce time (comm) and the part training waited for")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
-    else:
-        ax.text(0.5, 0.5, "no hpsgd/comm_ms in these runs", ha="center", transform=ax.transAxes)
+    _legend_or_note(ax, "no hpsgd/comm_ms in these runs")
     written.append(_save(fig, out / "wait_vs_comm.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -126,13 +122,18 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, metric: str = "val/acc", loss
             ax.plot([s for s, _ in points], [v for _, v in points], marker=".", label=label)
     ax.set(xlabel="step", ylabel="hidden fraction (1 - wait / comm)", ylim=(-0.05, 1.05),
            title="how much of each round's communication was hidden behind compute")  # fmt: skip
+    _legend_or_note(ax, "no hpsgd/hidden in these runs")
+    written.append(_save(fig, out / "hidden_vs_step.png"))
+    return written
+
+
+def _legend_or_note(ax, note: str) -> None:
+    """A grid, and the legend, or ``note`` in the middle of an empty chart (runs without HPSGD's metrics)."""
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     else:
-        ax.text(0.5, 0.5, "no hpsgd/hidden in these runs", ha="center", transform=ax.transAxes)
-    written.append(_save(fig, out / "hidden_vs_step.png"))
-    return written
+        ax.text(0.5, 0.5, note, ha="center", transform=ax.transAxes)
 
 
 def _save(fig, path: Path) -> Path:
