@@ -148,3 +148,14 @@ def test_gpu_mode_reports_every_mode_on_cpu(tmp_path):
     assert report["ratios"]["hpsgd_h4/compute-only"] == pytest.approx(ratio)
     assert "| hpsgd_h4 |" in done.stdout
     assert (tmp_path / "trace" / "trace_hpsgd_h4_rank0.json").stat().st_size > 1000
+
+
+def test_a_link_slower_than_asked_at_full_speed_is_reported_not_throttled():
+    from lightning_hpsgd.bench.compare import BenchConfig, Link, _ratio_out_of_reach
+
+    fast_cpu = Link("netns", 10000.0, step_compute_s=0.002, allreduce_full_speed_s=0.0029, allreduce_s=0.0029)
+    warning = _ratio_out_of_reach(fast_cpu, BenchConfig(comm_ratio=1.0))
+    assert warning is not None and warning.startswith("COMM/COMPUTE RATIO 1.45, NOT 1.0: one all-reduce takes 2.90 ms")
+    assert "--channels" in warning
+    assert _ratio_out_of_reach(fast_cpu, BenchConfig(comm_ratio=2.0)) is None  # reachable: throttle to it
+    assert _ratio_out_of_reach(fast_cpu, BenchConfig(comm_ratio=1.0, link_mbit=100.0)) is None  # the user fixed it
