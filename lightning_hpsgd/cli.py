@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from lightning.pytorch.cli import LightningCLI
 
 import lightning_hpsgd  # noqa: F401  (registers the strategy names before the Trainer is built)
@@ -96,12 +97,12 @@ def check_command_line(args: Sequence[str]) -> None:
             strategy_options.update(strategy.get("init_args") or {})
     for name in values.get("--trainer.strategy", []):
         _check_strategy_name(name)
-    for key in ("sync_every", "merge"):
+    for key in _CHECKED_OPTIONS:
         for value in values.get(f"--trainer.strategy.{key}", []):
-            strategy_options[key] = int(value) if key == "sync_every" and _is_int(value) else value
-    sync_every, merge = strategy_options.get("sync_every", 1), strategy_options.get("merge", "replica")
+            strategy_options[key] = _parse_value(value)
+    options = {key: strategy_options[key] for key in _CHECKED_OPTIONS if key in strategy_options}
     try:
-        validate_options(sync_every, merge)
+        validate_options(options.pop("sync_every", 1), options.pop("merge", "replica"), **options)
     except ValueError as err:
         raise UsageError(f"--trainer.strategy.{str(err).split(' ', 1)[0]}: {err}") from None
 
@@ -117,12 +118,15 @@ def _option_values(args: Sequence[str]) -> dict[str, list[str]]:
     return out
 
 
-def _is_int(value: str) -> bool:
+_CHECKED_OPTIONS = ("sync_every", "merge", "max_sync_every", "outer_lr", "outer_momentum", "outer_nesterov")
+
+
+def _parse_value(value: str) -> Any:
+    """A command-line value as jsonargparse reads it: YAML (``4`` an int, ``0.9`` a float, ``true`` a bool)."""
     try:
-        int(value)
-    except ValueError:
-        return False
-    return True
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
 
 
 def _missing_config(path: Path) -> str:

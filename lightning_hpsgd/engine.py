@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -33,6 +34,11 @@ log = logging.getLogger(__name__)
 
 MergeMode = Literal["replica", "stale"]
 MERGE_MODES: tuple[str, ...] = ("replica", "stale")
+SyncEvery = int | Literal["auto"]
+DEFAULT_MAX_SYNC_EVERY = 32
+# sync_every="auto" proposes the smallest H with comm <= H x compute / AUTO_MARGIN, from moving averages of both.
+AUTO_MARGIN = 1.25
+_AUTO_SMOOTHING = 0.3
 COMM_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "float32": torch.float32,
@@ -93,16 +99,49 @@ def resolve_comm_dtype(comm_dtype: str | torch.dtype | None) -> torch.dtype | No
     )
 
 
-def validate_options(sync_every: object, merge: object) -> None:
-    """Raise a ``ValueError`` naming the accepted values if ``sync_every`` or ``merge`` is invalid."""
-    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
-        raise ValueError(f"sync_every must be an integer >= 1 (optimizer steps per round); received {sync_every!r}.")
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def validate_options(
+    sync_every: object,
+    merge: object,
+    *,
+    max_sync_every: object = DEFAULT_MAX_SYNC_EVERY,
+    outer_lr: object = 1.0,
+    outer_momentum: object = 0.0,
+    outer_nesterov: object = True,
+) -> None:
+    """Raise a ``ValueError`` naming the accepted values if an option of the rule is invalid."""
+    if not (_is_count(sync_every) or sync_every == "auto"):
+        raise ValueError(
+            "sync_every must be an integer >= 1 (optimizer steps per round) or 'auto' (chosen from the measured"
+            f" communication and compute times); received {sync_every!r}."
+        )
     if merge not in MERGE_MODES:
         raise ValueError(f"merge must be one of {list(MERGE_MODES)}; received {merge!r}.")
+    if not _is_count(max_sync_every) or max_sync_every >= 1 << 20:
+        raise ValueError(
+            f"max_sync_every must be an integer from 1 to {(1 << 20) - 1} (the largest H 'auto' may choose);"
+            f" received {max_sync_every!r}."
+        )
+    if not _is_real(outer_lr) or not 0 < outer_lr < float("inf"):
+        raise ValueError(f"outer_lr must be a finite number > 0 (1.0: plain HPSGD); received {outer_lr!r}.")
+    if not _is_real(outer_momentum) or not 0 <= outer_momentum < 1:
+        raise ValueError(
+            f"outer_momentum must be a number in [0, 1) (0.0: no momentum; 0.9 amplifies a steady step up to 10 x);"
+            f" received {outer_momentum!r}."
+        )
+    if not isinstance(outer_nesterov, bool):
+        raise ValueError(f"outer_nesterov must be True or False; received {outer_nesterov!r}.")
 
 
-# The side channel: 4 fields of W slots (step code high bits, low bits, non-finite flag, stop request).
-_META_FIELDS = 4
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# The side channel: 5 fields of W slots (step code high bits, low bits, non-finite flag, stop request, proposed H).
+_META_FIELDS = 5
 _CODE_BITS = 12  # each half of a step code stays below 2**24, exact in fp32
 
 
@@ -121,6 +160,7 @@ class _Pending:
     is_flush: bool
     works: tuple[dist.Work, ...]
     launched_at: float
+    steps: int = 1  # optimizer steps in the round (the same on every rank): 0 for a flush right after a flush
     # CUDA events around the all-reduce on the communication stream (NCCL: the host never sees its completion).
     events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
     # Set by the backend's completion callback (gloo: the work really completed). A one-element list, so that the
@@ -169,6 +209,7 @@ class EngineStats:
             is the only host sync it costs.
         bytes_per_round: payload bytes of one all-reduce, per rank.
         promoted: frozen tensors found changed at a flush, and averaged in every round since.
+        sync_every: ``H`` of the current round (with ``sync_every="auto"``, the latest agreed value).
     """
 
     rounds: int = 0
@@ -184,6 +225,7 @@ class EngineStats:
     last_drift: Tensor | None = None
     bytes_per_round: int = 0
     promoted: int = 0
+    sync_every: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The counters as plain Python values (``last_drift`` as a float or ``None``)."""
@@ -242,9 +284,20 @@ class HPSGDEngine:
             never queue behind a pending round (default: the world).
         object_group: the group for the pickled structure check (a CPU/gloo group when ``group`` is NCCL; default:
             ``group``).
-        sync_every: ``H``, optimizer steps per round (>= 1; default 1).
+        sync_every: ``H``, optimizer steps per round (>= 1; default 1), or ``"auto"``: start at 1, and at every
+            merge set ``H`` to the largest of the ranks' proposals. Each rank proposes the smallest ``H`` for which
+            its measured all-reduce time fits in ``H`` steps of its measured compute with a margin of
+            ``AUTO_MARGIN`` (moving averages of both), up to ``max_sync_every``. Every rank reads the same
+            proposals at the same merge, so rounds end at the same steps everywhere; ``H`` changes only at a round
+            boundary, and applies from the round that the merge starts.
+        max_sync_every: the largest ``H`` that ``"auto"`` may choose (default 32).
         merge: ``"replica"`` (HPSGD: ``R ← G + Δ``) or ``"stale"`` (``R ← G``, the stale-gradient baseline).
         comm_dtype: dtype on the wire (``None``: full precision; bf16/fp16 compress, ``G`` stays fp32 or wider).
+        outer_lr, outer_momentum, outer_nesterov: the outer optimizer. Every merge of a round that contained
+            optimizer steps (at a sync point or a flush) adds ``U`` to ``G`` instead of the merged mean change
+            ``ḡ``: ``M ← μ·M + ḡ``, then ``U = η·(ḡ + μ·M)`` (Nesterov, the default) or ``U = η·M``. ``M`` is
+            flat, as wide as ``G``, the same on every rank, and part of [`state_dict`][]. The defaults (``η = 1``,
+            ``μ = 0``) give ``U = ḡ``: plain HPSGD, bit for bit, with no extra buffer.
         timeout: with gloo, the longest a merge waits for the pending all-reduce before raising
             [`HPSGDCommunicationError`][] (default: the process group's own timeout). With NCCL the process
             group's timeout and watchdog apply instead, so that a merge never blocks the host.
@@ -262,18 +315,35 @@ class HPSGDEngine:
         *,
         group: dist.ProcessGroup | None = None,
         object_group: dist.ProcessGroup | None = None,
-        sync_every: int = 1,
+        sync_every: SyncEvery = 1,
+        max_sync_every: int = DEFAULT_MAX_SYNC_EVERY,
         merge: MergeMode = "replica",
         comm_dtype: str | torch.dtype | None = None,
+        outer_lr: float = 1.0,
+        outer_momentum: float = 0.0,
+        outer_nesterov: bool = True,
         timeout: timedelta | None = None,
         broadcast: bool = True,
         defer_checks: bool | None = None,
     ) -> None:
-        validate_options(sync_every, merge)
+        validate_options(
+            sync_every,
+            merge,
+            max_sync_every=max_sync_every,
+            outer_lr=outer_lr,
+            outer_momentum=outer_momentum,
+            outer_nesterov=outer_nesterov,
+        )
         self.group = group
         self.object_group = object_group if object_group is not None else group
-        self.sync_every = sync_every
+        self.auto = sync_every == "auto"
+        # H of the current round. With "auto" it starts at 1 and follows the ranks' agreed proposal.
+        self.sync_every: int = 1 if self.auto else int(sync_every)
+        self.max_sync_every = max_sync_every
         self.merge = merge
+        self.outer_lr = float(outer_lr)
+        self.outer_momentum = float(outer_momentum)
+        self.outer_nesterov = outer_nesterov
         self.timeout = timeout
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -298,6 +368,13 @@ class HPSGDEngine:
         self._timings: deque[_Timing] = deque()
         self._last_wait_events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
         self._last_step: int | None = None
+        # "auto": the step at or after which the current round ends (fixed H: every multiple of H).
+        self._next_sync: int | None = None
+        self._step_seconds: float | None = None  # moving averages for "auto"
+        self._comm_seconds: float | None = None
+        self._round_started: float | None = None
+        self._round_steps = 0
+        self._steps_unsent = 0  # optimizer steps since the last launch
         self._steps_since_flush = 0
         self._busy = False
         self._drift_requested = False
@@ -305,7 +382,7 @@ class HPSGDEngine:
         # Set at the merge that carried any rank's stop request: every rank learns it at the same merge.
         self.stop_requested = StopRequest(0)
         self._stop_to_send = StopRequest(0)
-        self.stats = EngineStats()
+        self.stats = EngineStats(sync_every=self.sync_every)
         self._build_buffers({})
         log.debug(
             "HPSGDEngine: %d averaged and %d frozen tensors, %d elements, G in %s, wire in %s, world size %d",
@@ -353,6 +430,16 @@ class HPSGDEngine:
         previous = step - 1 if self._last_step is None else self._last_step
         self._last_step = step
         self._steps_since_flush += 1
+        self._round_steps += 1
+        self._steps_unsent += 1
+        if self.auto:
+            if self._next_sync is None:
+                self._next_sync = (previous // self.sync_every + 1) * self.sync_every
+            if step < self._next_sync:
+                return False
+            self.sync_point(step)
+            self._next_sync = step + self.sync_every  # H as agreed at this merge
+            return True
         if step // self.sync_every <= previous // self.sync_every:
             return False
         self.sync_point(step)
@@ -362,6 +449,7 @@ class HPSGDEngine:
     def sync_point(self, step: int) -> None:
         """Steps 1-5 of the rule: merge the pending average, rebase ``R`` and launch this round's all-reduce."""
         with self._exclusive("sync point"):
+            self._measure_step_time()
             if self._drift_requested:
                 self._measure_drift()
             self._delta_into_start()
@@ -375,6 +463,7 @@ class HPSGDEngine:
             else:
                 self.start.copy_(self.global_)
             self._write_replica_from_start()
+            self._round_started = time.perf_counter()
 
     @torch.no_grad()
     def flush(self, step: int) -> None:
@@ -398,6 +487,7 @@ class HPSGDEngine:
             self._drain_timings(block=True)
             self._reconcile(step)
         self._steps_since_flush = 0
+        self._round_started = None  # the time to the next sync point includes whatever followed the flush
         self.stats.flushes += 1
 
     @torch.no_grad()
@@ -429,6 +519,7 @@ class HPSGDEngine:
         with self._exclusive("rebuild"):
             known = {name: (tensor.shape, tensor.dtype) for name, tensor in self._tensors.items()}
             global_views = dict(zip(self.names, self._global_views))
+            momentum_views = dict(zip(self.names, self._momentum_views))
             self._promoted &= set(tensors)
             self._set_tensors(tensors, averaged)
             self._check_same_structure()
@@ -439,7 +530,7 @@ class HPSGDEngine:
                 differing = [t for t, differs in zip(fresh_floating, flags) if differs]
                 if differing:
                     average_tensors(differing, self.group)
-            self._build_buffers(global_views)
+            self._build_buffers(global_views, momentum_views)
         log.debug("HPSGDEngine: rebuilt over %d averaged and %d frozen tensors", len(self.replica), len(self.frozen))
         return True
 
@@ -463,7 +554,9 @@ class HPSGDEngine:
         """What a checkpoint written at a flush point needs beyond the model itself.
 
         ``global``: ``G`` of every tensor narrower than ``G`` (a bf16 replica cannot hold its bits; elsewhere
-        ``G = R`` after a flush); ``promoted``: the frozen tensors averaged in every round; ``stats``: the counters.
+        ``G = R`` after a flush); ``promoted``: the frozen tensors averaged in every round; ``stats``: the counters;
+        ``outer_momentum``: ``M`` by tensor name (with ``outer_momentum > 0``); ``sync_every``: with ``"auto"``,
+        the current ``H`` and the step that ends the current round.
         Stop requests are not part of it: a run resumed from a preemption checkpoint must not stop again.
         """
         narrow = {
@@ -471,7 +564,12 @@ class HPSGDEngine:
             for name, tensor, view in zip(self.names, self.replica, self._global_views)
             if tensor.dtype != self.layout.dtype
         }
-        return {"global": narrow, "promoted": sorted(self._promoted), "stats": self.stats.to_dict()}
+        state: dict[str, Any] = {"global": narrow, "promoted": sorted(self._promoted), "stats": self.stats.to_dict()}
+        if self._momentum is not None:
+            state["outer_momentum"] = {n: v.detach().cpu().clone() for n, v in zip(self.names, self._momentum_views)}
+        if self.auto:
+            state["sync_every"] = {"current": self.sync_every, "next_sync": self._next_sync}
+        return state
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -497,9 +595,21 @@ class HPSGDEngine:
         if "stats" in state:
             self.stats = EngineStats.from_dict(state["stats"])
             self.stats.bytes_per_round = self._payload.numel() * self._payload.element_size()
+        if self._momentum is not None:
+            self._copy_by_name(state.get("outer_momentum", {}), self._momentum_views)
+        if self.auto and state.get("sync_every"):
+            self.sync_every = min(int(state["sync_every"]["current"]), self.max_sync_every)
+            self._next_sync = state["sync_every"]["next_sync"]
+        self.stats.sync_every = self.sync_every
         log.debug("HPSGDEngine: loaded state (G of %d tensors, %d promoted)", restored, len(promoted))
 
     # ------------------------------------------------------------------ tensors and buffers
+
+    def _copy_by_name(self, values: Mapping[str, Tensor], views: Sequence[Tensor]) -> None:
+        for name, view in zip(self.names, views):
+            saved = values.get(name)
+            if saved is not None and saved.shape == view.shape:
+                view.copy_(saved)
 
     def _set_tensors(self, tensors: Mapping[str, Tensor] | Sequence[Tensor], averaged: Collection[str] | None) -> None:
         if not isinstance(tensors, Mapping):
@@ -529,9 +639,12 @@ class HPSGDEngine:
         # layout: a replaced tensor keeps its dtype, and anything else rebuilds the layout.
         self.replica_is_narrow = any(t.dtype != self.layout.dtype for t in self.replica)
 
-    def _build_buffers(self, global_values: Mapping[str, Tensor]) -> None:
-        """(Re)allocate G, S and the wire for the current layout. ``G`` starts from ``R``, or from ``global_values``
-        where a saved value still rounds to the replica (the extra bits of a narrow replica survive a rebuild)."""
+    def _build_buffers(
+        self, global_values: Mapping[str, Tensor], momentum_values: Mapping[str, Tensor] | None = None
+    ) -> None:
+        """(Re)allocate G, S, the wire (and M) for the current layout. ``G`` starts from ``R``, or from
+        ``global_values`` where a saved value still rounds to the replica (the extra bits of a narrow replica survive
+        a rebuild); ``M`` from ``momentum_values`` by name, 0 for new tensors."""
         wire_dtype = self._wire_dtype_option or self.layout.dtype
         self.compressed = torch.finfo(wire_dtype).bits < torch.finfo(self.layout.dtype).bits
         self.comm_dtype = wire_dtype if self.compressed else self.layout.dtype
@@ -540,6 +653,11 @@ class HPSGDEngine:
         self._merge_scale = 1.0 if self.compressed else 1.0 / self.world_size
         self.global_ = self.layout.new_buffer()
         self.start = self.layout.new_buffer()
+        # The outer momentum M: only when used, so that the defaults keep three buffers. New tensors start at 0.
+        self._momentum = self.layout.new_buffer().zero_() if self.outer_momentum > 0 else None
+        self._momentum_views = self.layout.views(self._momentum) if self._momentum is not None else []
+        with torch.no_grad():
+            self._copy_by_name(momentum_values or {}, self._momentum_views)
         self._start_views = self.layout.views(self.start)
         self._global_views = self.layout.views(self.global_)
         # Three flat buffers in all: G, S (which holds Δ during a sync point) and the wire. A full-precision wire
@@ -648,8 +766,23 @@ class HPSGDEngine:
             changed[0][0],
         )
         global_views = dict(zip(self.names, self._global_views))
+        momentum_views = dict(zip(self.names, self._momentum_views))
         self._set_tensors(self._tensors, self._always)
-        self._build_buffers(global_views)
+        self._build_buffers(global_views, momentum_views)
+
+    def _measure_step_time(self) -> None:
+        """``"auto"``: the compute time per optimizer step since the last sync point (a moving average)."""
+        if self._round_started is not None and self._round_steps > 0:
+            per_step = (time.perf_counter() - self._round_started) / self._round_steps
+            self._step_seconds = _smooth(self._step_seconds, per_step)
+        self._round_steps = 0
+
+    def _proposal(self) -> int:
+        """``"auto"``: the smallest H for which one all-reduce fits in H steps of compute, with the margin."""
+        if not self.auto or self._step_seconds is None or self._comm_seconds is None:
+            return self.sync_every
+        wanted = math.ceil(AUTO_MARGIN * self._comm_seconds / max(self._step_seconds, 1e-9))
+        return min(max(wanted, 1), self.max_sync_every)
 
     def _measure_drift(self) -> None:
         # One tensor at a time, so the scratch is the largest tensor, not a flat copy of the model.
@@ -674,6 +807,7 @@ class HPSGDEngine:
         self._add_timing(wait_seconds, max(0.0, completed - pending.launched_at))
 
     def _add_timing(self, wait_seconds: float, comm_seconds: float) -> None:
+        self._comm_seconds = _smooth(self._comm_seconds, comm_seconds)
         stats = self.stats
         stats.timed_rounds += 1
         stats.last_wait_seconds = wait_seconds
@@ -706,6 +840,7 @@ class HPSGDEngine:
         self._meta[r] = code >> _CODE_BITS
         self._meta[w + r] = code & ((1 << _CODE_BITS) - 1)
         self._meta[3 * w + r] = int(self._stop_to_send)
+        self._meta[4 * w + r] = self._proposal()
         self._meta[2 * w + r] = torch.logical_not(torch.isfinite(self._payload.sum(dtype=self.layout.dtype)))
         stream_ctx = nullcontext()
         events = None
@@ -724,7 +859,15 @@ class HPSGDEngine:
                 works += (dist.all_reduce(self._meta, group=self.group, async_op=True),)
             if events is not None:
                 events[1].record()
-        pending = _Pending(step=step, is_flush=is_flush, works=works, launched_at=time.perf_counter(), events=events)
+        pending = _Pending(
+            step=step,
+            is_flush=is_flush,
+            works=works,
+            launched_at=time.perf_counter(),
+            steps=self._steps_unsent,
+            events=events,
+        )
+        self._steps_unsent = 0
         if not is_flush and events is None:
             completion = pending.completion
             works[0].get_future().add_done_callback(lambda _: completion.append(time.perf_counter()))
@@ -782,9 +925,32 @@ class HPSGDEngine:
             raise self._communication_error(what, err) from err
         if not defer:
             self._check_meta(meta, finite, pending, merged=False)
-        self.global_.add_(self._payload, alpha=self._merge_scale)
+        self._add_to_global(outer=pending.steps > 0)
         self.stats.rounds += 1
         return waited
+
+    def _add_to_global(self, outer: bool) -> None:
+        """``G ← G + U``: ``U`` is the outer optimizer's step on ``ḡ``, the merged mean change on the wire.
+
+        Only a round that contained optimizer steps takes an outer step: a flush right after a flush (validation,
+        then a checkpoint, then the end of fit) adds its ``ḡ`` (zero, or changes made outside the optimizer) as it
+        is, so that how often a run flushes never moves the model.
+        """
+        mean_scale = self._merge_scale  # ḡ = mean_scale * wire
+        if not outer:
+            self.global_.add_(self._payload, alpha=mean_scale)
+            return
+        if self._momentum is None:
+            # η = 1 is plain HPSGD, bit for bit.
+            alpha = mean_scale if self.outer_lr == 1.0 else mean_scale * self.outer_lr
+            self.global_.add_(self._payload, alpha=alpha)
+            return
+        mu, lr = self.outer_momentum, self.outer_lr
+        self._momentum.mul_(mu).add_(self._payload, alpha=mean_scale)  # M ← μ·M + ḡ
+        if self.outer_nesterov:
+            self.global_.add_(self._payload, alpha=lr * mean_scale).add_(self._momentum, alpha=lr * mu)
+        else:
+            self.global_.add_(self._momentum, alpha=lr)
 
     # ------------------------------------------------------------------ checks
 
@@ -812,6 +978,11 @@ class HPSGDEngine:
             )
         for flags in meta[3 * w : 4 * w]:
             self.stop_requested |= StopRequest(flags)
+        if self.auto:
+            agreed = min(max(meta[4 * w : 5 * w]), self.max_sync_every)
+            if agreed != self.sync_every:
+                log.debug("HPSGDEngine: sync_every %d -> %d after step %d", self.sync_every, agreed, pending.step)
+            self.sync_every = self.stats.sync_every = agreed
         bad_ranks = [r for r, flag in enumerate(meta[2 * w : 3 * w]) if flag]
         if bad_ranks or not reduced_finite:
             self.aborted = True
@@ -863,6 +1034,10 @@ class HPSGDEngine:
 
     def _src(self) -> int:
         return dist.get_global_rank(self.group, 0) if self.group is not None else 0
+
+
+def _smooth(average: float | None, value: float) -> float:
+    return value if average is None else average + _AUTO_SMOOTHING * (value - average)
 
 
 def _same_kind(tensor: Tensor, other: Tensor | None) -> bool:

@@ -33,6 +33,7 @@ class HPSGDMonitor(Callback):
     * ``hpsgd/drift``: ``‖R − G‖ / ‖G‖`` just before the merge, at the latest sync point (max over ranks; measured on
       one round per interval, two extra passes over the model);
     * ``hpsgd/bytes``: payload bytes per round and rank; ``hpsgd/rounds``: rounds merged so far;
+    * ``hpsgd/sync_every``: ``H`` of the current round (the value ``sync_every="auto"`` chose);
     * ``hpsgd/step_ms``: wall time per optimizer step; ``hpsgd/samples_per_s``: samples per second over all ranks;
     * ``time/wall_s``: seconds since the start of fit, an x-axis for accuracy at a fixed wall time.
 
@@ -146,6 +147,7 @@ class HPSGDMonitor(Callback):
         wait_ms, drift, waited_share = (float(v) for v in worst.cpu())
         metrics["hpsgd/bytes"] = float(stats.bytes_per_round)
         metrics["hpsgd/rounds"] = float(stats.rounds)
+        metrics["hpsgd/sync_every"] = float(_engine(trainer).sync_every)
         if new_timed:  # no round was timed yet in this interval: nothing to say about comm and wait
             metrics["hpsgd/comm_ms"] = comm_ms
             metrics["hpsgd/wait_ms"] = wait_ms

@@ -47,6 +47,7 @@ from lightning_hpsgd.checkpoint import (
     saved_engine_state,
 )
 from lightning_hpsgd.engine import (
+    DEFAULT_MAX_SYNC_EVERY,
     EngineStats,
     HPSGDEngine,
     MergeMode,
@@ -84,12 +85,22 @@ class HPSGDStrategy(DDPStrategy):
 
     Args:
         sync_every: ``H``, optimizer steps per round, counted as ``trainer.global_step`` counts them (so gradient
-            accumulation and manual optimization count correctly). Integer >= 1; default 1.
+            accumulation and manual optimization count correctly). Integer >= 1; default 1. Or ``"auto"``: start at
+            1 and let the ranks choose ``H`` from what they measure (the smallest ``H`` whose ``H`` steps of compute
+            hide one all-reduce, with a 25 % margin), agreed at every merge so that every rank ends rounds at the
+            same steps. The current value is logged as ``hpsgd/sync_every``.
+        max_sync_every: the largest ``H`` that ``sync_every="auto"`` may choose (default 32).
         merge: ``"replica"`` (default; HPSGD, a rank's own progress stays visible at once: ``R ← G + Δ``) or
             ``"stale"`` (the naive stale-gradient pipeline: ``R ← G``; the paper's baseline).
         comm_dtype: dtype on the wire. ``None`` (default) sends full precision; ``torch.bfloat16`` /
             ``torch.float16`` (or ``"bf16"`` / ``"fp16"``) halve the bytes, while the global model is still
             accumulated in fp32 or wider.
+        outer_lr: ``η``, the outer learning rate applied to each merged mean change (default 1.0).
+        outer_momentum: ``μ`` in [0, 1), the outer optimizer's momentum on the merged mean changes (default 0.0).
+            Momentum amplifies a steady change by up to ``1 / (1 − μ)``. The momentum buffer is the same on every
+            rank and is checkpointed.
+        outer_nesterov: Nesterov momentum (default ``True``). With ``outer_lr=1.0`` and ``outer_momentum=0.0``
+            the outer optimizer is off: plain HPSGD, bit for bit.
         process_group_backend: ``"gloo"`` or ``"nccl"``; default: the accelerator's default, as in DDP.
         timeout: how long a collective may wait for a peer before the rank fails (a ``timedelta``, or seconds as a
             number). Default: PyTorch's default process group timeout (30 minutes), as in DDP.
@@ -108,9 +119,13 @@ class HPSGDStrategy(DDPStrategy):
 
     def __init__(
         self,
-        sync_every: int = 1,
+        sync_every: int | Literal["auto"] = 1,
         merge: MergeMode = "replica",
         comm_dtype: str | torch.dtype | None = None,
+        outer_lr: float = 1.0,
+        outer_momentum: float = 0.0,
+        outer_nesterov: bool = True,
+        max_sync_every: int = DEFAULT_MAX_SYNC_EVERY,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -121,7 +136,14 @@ class HPSGDStrategy(DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         monitor: bool = True,
     ) -> None:
-        validate_options(sync_every, merge)
+        validate_options(
+            sync_every,
+            merge,
+            max_sync_every=max_sync_every,
+            outer_lr=outer_lr,
+            outer_momentum=outer_momentum,
+            outer_nesterov=outer_nesterov,
+        )
         if start_method not in ("popen", "spawn", "fork", "forkserver"):
             raise ValueError(
                 f"start_method must be one of ['popen', 'spawn', 'fork', 'forkserver']; received {start_method!r}."
@@ -141,8 +163,12 @@ class HPSGDStrategy(DDPStrategy):
             start_method=start_method,
         )
         self.sync_every = sync_every
+        self.max_sync_every = max_sync_every
         self.merge = merge
         self.comm_dtype = resolve_comm_dtype(comm_dtype)
+        self.outer_lr = float(outer_lr)
+        self.outer_momentum = float(outer_momentum)
+        self.outer_nesterov = outer_nesterov
         self.monitor = monitor
         self._engine: HPSGDEngine | None = None
         self._hpsgd_group: dist.ProcessGroup | None = None
@@ -170,8 +196,12 @@ class HPSGDStrategy(DDPStrategy):
         return {
             "name": "hpsgd" if self.merge == "replica" else "hpsgd_stale",
             "sync_every": self.sync_every,
+            "max_sync_every": self.max_sync_every,
             "merge": self.merge,
             "comm_dtype": None if self.comm_dtype is None else str(self.comm_dtype).removeprefix("torch."),
+            "outer_lr": self.outer_lr,
+            "outer_momentum": self.outer_momentum,
+            "outer_nesterov": self.outer_nesterov,
             "process_group_backend": self.process_group_backend,
             "timeout_s": self._timeout.total_seconds() if self._timeout is not None else None,
         }
@@ -346,8 +376,12 @@ class HPSGDStrategy(DDPStrategy):
             group=self._hpsgd_group,
             object_group=self._object_group,
             sync_every=self.sync_every,
+            max_sync_every=self.max_sync_every,
             merge=self.merge,
             comm_dtype=self.comm_dtype,
+            outer_lr=self.outer_lr,
+            outer_momentum=self.outer_momentum,
+            outer_nesterov=self.outer_nesterov,
             timeout=self._timeout,
         )
         self._signature = _signature(self.model)

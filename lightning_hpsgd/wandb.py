@@ -222,6 +222,7 @@ DASHBOARD: dict[str, list[tuple[str, str, list[str]]]] = {
     "Do stale updates hurt?": [
         ("Replica drift |R - G| / |G|", STEP, ["hpsgd/drift"]),
         ("Staleness (steps from launch to merge)", STEP, ["hpsgd/staleness"]),
+        ("sync_every (H of the current round)", STEP, ["hpsgd/sync_every"]),
     ],
 }
 

@@ -57,10 +57,12 @@ def run_ranks(
     check: bool = True,
     extra_env: dict[str, str] | None = None,
     stop_after_rank: int | None = None,
+    link: Any = None,
 ) -> list[RankResult]:
     """Run ``scenario`` on ``world_size`` ranks spread over ``num_nodes`` simulated nodes; wait for all of them.
 
-    If ``stop_after_rank`` is given, the other ranks are killed as soon as that rank has exited.
+    If ``stop_after_rank`` is given, the other ranks are killed as soon as that rank has exited. With ``link`` (a
+    ``lightning_hpsgd.bench.netns.SlowLink``), rank ``i`` runs in namespace ``i`` and talks over its throttled link.
 
     Raises:
         AssertionError: if ``check`` and any rank exited non-zero (with that rank's stderr).
@@ -80,10 +82,14 @@ def run_ranks(
             HPSGD_TEST_DEVICES=str(per_node),
             HPSGD_TEST_NODES=str(num_nodes),
         )
+        if link is not None:
+            env.update(MASTER_ADDR=link.address(0), GLOO_SOCKET_IFNAME="eth0")
         env.update(extra_env or {})
         out = open(outdir / f"rank{rank}.out", "w")
         err = open(outdir / f"rank{rank}.err", "w")
         cmd = [sys.executable, "-m", "tests.worker", scenario, str(outdir), json.dumps(args or {})]
+        if link is not None:
+            cmd = link.exec_prefix(rank) + cmd
         procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err), out, err))
     started = time.monotonic()
     finished: dict[int, float] = {}

@@ -27,8 +27,15 @@ def simulate(
     sync_every: int,
     merge: str,
     loss_fn: Callable[[nn.Module, tuple[Tensor, Tensor]], Tensor],
+    outer_lr: float = 1.0,
+    outer_momentum: float = 0.0,
+    outer_nesterov: bool = True,
 ) -> nn.Module:
     """Train ``len(batches)`` workers from copies of ``model`` with HPSGD; flush at the end.
+
+    Every merge of a round that contained optimizer steps goes through the outer optimizer of the rule:
+    ``M = mu M + g``, ``U = lr (g + mu M)`` (Nesterov) or ``lr M``, ``G = G + U``; the defaults make ``U = g``.
+    The final flush's round is empty when the step count is a multiple of ``sync_every``: it adds nothing.
 
     Returns:
         The flushed model (every worker's replica equals it).
@@ -39,7 +46,17 @@ def simulate(
     with torch.no_grad():
         G = [t.clone() for t in _state(workers[0])]
         S = [[t.clone() for t in _state(w)] for w in workers]
+        M = [torch.zeros_like(t) for t in G]
     P: list[Tensor] | None = None  # the pending mean
+
+    def merged(G: list[Tensor], mean: list[Tensor]) -> list[Tensor]:
+        out = []
+        for j, (g, change) in enumerate(zip(G, mean)):
+            M[j] = outer_momentum * M[j] + change
+            step = outer_lr * (change + outer_momentum * M[j]) if outer_nesterov else outer_lr * M[j]
+            out.append(g + step)
+        return out
+
     steps = len(batches[0])
     for step in range(1, steps + 1):
         for w, opt, data in zip(workers, optimizers, batches):
@@ -50,7 +67,7 @@ def simulate(
             with torch.no_grad():
                 deltas = [[r - s for r, s in zip(_state(w), S[i])] for i, w in enumerate(workers)]
                 if P is not None:
-                    G = [g + p for g, p in zip(G, P)]
+                    G = merged(G, P)
                 for i, w in enumerate(workers):
                     for r, g, d in zip(_state(w), G, deltas[i]):
                         r.copy_(g + d if merge == "replica" else g)
@@ -59,8 +76,9 @@ def simulate(
     with torch.no_grad():
         deltas = [[r - s for r, s in zip(_state(w), S[i])] for i, w in enumerate(workers)]
         if P is not None:
-            G = [g + p for g, p in zip(G, P)]
-        G = [g + sum(d[j] for d in deltas) / world for j, g in enumerate(G)]
+            G = merged(G, P)
+        if steps % sync_every:
+            G = merged(G, [sum(d[j] for d in deltas) / world for j in range(len(G))])
         for w in workers:
             for r, g in zip(_state(w), G):
                 r.copy_(g)

@@ -150,6 +150,28 @@ def test_gpu_mode_reports_every_mode_on_cpu(tmp_path):
     assert (tmp_path / "trace" / "trace_hpsgd_h4_rank0.json").stat().st_size > 1000
 
 
+def test_convergence_quick_run_trains_every_method_to_one_model_per_run(tmp_path):
+    """`bench convergence --quick`: real worker processes run every method on both tasks; each run ends with one
+    model on every rank, and the report has a table per task and a plot per task. A rerun skips finished runs."""
+    out = tmp_path / "conv"
+    cmd = [sys.executable, "-m", "lightning_hpsgd.bench", "convergence", "--quick", "--out", str(out),
+           "--data-dir", str(tmp_path / "mnist1d")]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    methods = {(r["family"], r["sync_every"]) for r in results}
+    assert methods == {("ddp", None), ("localsgd", 4), ("hpsgd", 4), ("hpsgd_stale", 4), ("hpsgd_outer", 4)}
+    assert {r["task"] for r in results} == {"mnist1d", "reverse"} and len(results) == 10
+    assert all(r["identical"] and 0 <= r["val_acc"] <= 1 and r["train_loss"] > 0 for r in results), results
+    report = (out / "convergence.md").read_text()
+    assert "## mnist1d: validation accuracy" in report and "## reverse: final training loss" in report
+    assert "| hpsgd_outer H=4 |" in report
+    assert (out / "convergence_mnist1d.png").stat().st_size > 10_000 and (out / "convergence_reverse.png").exists()
+    again = subprocess.run(cmd, cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "runs on" not in again.stdout
+    assert len((out / "results.jsonl").read_text().splitlines()) == 10
+
+
 def test_a_link_slower_than_asked_at_full_speed_is_reported_not_throttled():
     from lightning_hpsgd.bench.compare import BenchConfig, Link, _ratio_out_of_reach
 

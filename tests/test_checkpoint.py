@@ -10,9 +10,16 @@ from tests.launch import run_ranks
 BASE = {"val": True, "max_epochs": 3, "num_batches": 6, "sync_every": 2}
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
-def test_epoch_end_checkpoint_resumes_exactly(tmp_path, precision):
-    base = {**BASE, "precision": precision}
+OUTER = {"outer_lr": 0.8, "outer_momentum": 0.9}
+
+
+@pytest.mark.parametrize(
+    ("precision", "outer"),
+    [("32-true", {}), ("bf16-true", {}), ("32-true", OUTER)],
+    ids=["32-true", "bf16-true", "outer"],
+)
+def test_epoch_end_checkpoint_resumes_exactly(tmp_path, precision, outer):
+    base = {**BASE, "precision": precision, "strategy_args": outer}
     first = run_ranks("fit", tmp_path / "a", {**base, "checkpoint": {"every_n_epochs": 1}})
     ckpts = sorted((tmp_path / "a" / "ckpt").glob("*.ckpt"))
     assert [c.name for c in ckpts] == ["epoch=0-step=6.ckpt", "epoch=1-step=12.ckpt", "epoch=2-step=18.ckpt"]
@@ -25,6 +32,12 @@ def test_epoch_end_checkpoint_resumes_exactly(tmp_path, precision):
     assert torch.equal(ckpt["optimizer_states"][0]["state"][0]["momentum_buffer"], momentum[0])
     # A bf16 replica cannot hold G's fp32 bits, so the checkpoint carries G itself.
     assert bool(ckpt["hpsgd"]["engine"]["global"]) == (precision == "bf16-true")
+    # The outer momentum is the same on every rank: saved once, with the engine.
+    saved_momentum = ckpt["hpsgd"]["engine"].get("outer_momentum")
+    assert (saved_momentum is not None) == bool(outer)
+    if outer:
+        assert saved_momentum.keys() == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
+        assert all(v.abs().sum() > 0 for v in saved_momentum.values())
 
     last = torch.load(ckpts[-1], weights_only=False)
     for name, value in first[0].result["final"].items():

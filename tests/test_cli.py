@@ -89,7 +89,7 @@ def test_every_hpsgd_recipe_runs_fast_dev_run_on_two_processes(recipe, tmp_path,
             "--trainer.devices", "2"]  # fmt: skip
     if recipe.stem.startswith("cifar10"):
         args += ["--data.fake", "true", "--data.batch_size", "4", "--data.num_workers", "0", "--data.fake_size", "16"]
-    else:
+    elif recipe.stem.startswith("mnist1d"):
         args += ["--data.data_dir", str(tmp_path_factory.getbasetemp() / "mnist1d")]
     done = run_cli(args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -166,7 +166,10 @@ def test_top_level_help_names_the_project_every_subcommand_the_recipes_and_an_ex
     ("args", "message"),
     [
         (["--config", MNIST1D, "--trainer.strategy.sync_every", "0", "--print_config"],
-         "--trainer.strategy.sync_every: sync_every must be an integer >= 1 (optimizer steps per round); received 0."),
+         "--trainer.strategy.sync_every: sync_every must be an integer >= 1 (optimizer steps per round) or 'auto'"
+         " (chosen from the measured communication and compute times); received 0."),
+        (["--config", MNIST1D, "--trainer.strategy.outer_momentum", "1.5"],
+         "--trainer.strategy.outer_momentum: outer_momentum must be a number in [0, 1)"),
         (["--config", MNIST1D, "--trainer.strategy.merge", "foo"],
          "--trainer.strategy.merge: merge must be one of ['replica', 'stale']; received 'foo'."),
         (["--config", MNIST1D, "--trainer.strategy", "hpsdg"],
@@ -175,7 +178,7 @@ def test_top_level_help_names_the_project_every_subcommand_the_recipes_and_an_ex
          "--config: no such file: '" + str(ROOT / "recipes" / "mnist1dd.yaml") + "'. Did you mean recipes/mnist1d.yaml?"
          f" Recipes in {ROOT / 'recipes'}: cifar10_resnet18.yaml,"),
     ],
-    ids=["sync_every-0", "merge-foo", "misspelled-strategy", "misspelled-recipe"],
+    ids=["sync_every-0", "outer_momentum-1.5", "merge-foo", "misspelled-strategy", "misspelled-recipe"],
 )  # fmt: skip
 def test_user_errors_end_in_one_short_line(args, message, tmp_path):
     done = run_cli(["fit", *args], cwd=tmp_path)
@@ -190,8 +193,8 @@ def test_sync_every_0_in_a_yaml_recipe_is_refused_as_on_the_command_line(tmp_pat
     (tmp_path / "bad.yaml").write_text(recipe)
     done = run_cli(["fit", "--config", str(tmp_path / "bad.yaml"), "--print_config"], cwd=tmp_path)
     assert done.returncode != 0 and done.stderr.strip().splitlines() == [
-        "hpsgd: error: --trainer.strategy.sync_every: sync_every must be an integer >= 1 (optimizer steps per round);"
-        " received 0."
+        "hpsgd: error: --trainer.strategy.sync_every: sync_every must be an integer >= 1 (optimizer steps per round) or"
+        " 'auto' (chosen from the measured communication and compute times); received 0."
     ]
 
 

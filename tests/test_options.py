@@ -51,6 +51,13 @@ def test_registering_twice_is_harmless():
         ({"comm_dtype": torch.float64}, "received torch.float64"),
         ({"start_method": "thread"}, "start_method must be one of ['popen', 'spawn', 'fork', 'forkserver']"),
         ({"timeout": -1}, "timeout must be a positive timedelta or number of seconds"),
+        ({"sync_every": "fast"}, "sync_every must be an integer >= 1 (optimizer steps per round) or 'auto'"),
+        ({"max_sync_every": 0}, "max_sync_every must be an integer from 1 to"),
+        ({"outer_lr": 0}, "outer_lr must be a finite number > 0 (1.0: plain HPSGD); received 0"),
+        ({"outer_lr": float("inf")}, "outer_lr must be a finite number > 0"),
+        ({"outer_momentum": 1.0}, "outer_momentum must be a number in [0, 1)"),
+        ({"outer_momentum": -0.1}, "outer_momentum must be a number in [0, 1)"),
+        ({"outer_nesterov": "yes"}, "outer_nesterov must be True or False; received 'yes'"),
     ],
 )
 def test_invalid_arguments_name_the_accepted_values(kwargs, message):
@@ -86,6 +93,9 @@ trainer:
       merge: stale
       comm_dtype: bf16
       timeout: 120
+      outer_lr: 0.7
+      outer_momentum: 0.9
+      outer_nesterov: false
 model:
   hidden: 8
 """
@@ -95,7 +105,30 @@ model:
     assert isinstance(strategy, HPSGDStrategy)
     assert (strategy.sync_every, strategy.merge, strategy.comm_dtype) == (4, "stale", torch.bfloat16)
     assert strategy._timeout == timedelta(seconds=120)
+    assert (strategy.outer_lr, strategy.outer_momentum, strategy.outer_nesterov) == (0.7, 0.9, False)
     assert cli.model.hparams.hidden == 8
+    # The run config that HPSGDMonitor gives every logger names every option of the rule.
+    config = strategy.hyperparameters
+    assert {k: config[k] for k in ("sync_every", "merge", "outer_lr", "outer_momentum", "outer_nesterov")} == {
+        "sync_every": 4,
+        "merge": "stale",
+        "outer_lr": 0.7,
+        "outer_momentum": 0.9,
+        "outer_nesterov": False,
+    }
+
+
+def test_lightning_cli_sync_every_auto_from_yaml_and_the_command_line(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n  accelerator: cpu\n  devices: 2\n  logger: false\n  strategy:\n"
+        "    class_path: lightning_hpsgd.HPSGDStrategy\n    init_args:\n      sync_every: auto\n"
+        "      max_sync_every: 16\n"
+    )
+    cli = LightningCLI(Regressor, run=False, args=["--config", str(config)])
+    assert (cli.trainer.strategy.sync_every, cli.trainer.strategy.max_sync_every) == ("auto", 16)
+    cli = LightningCLI(Regressor, run=False, args=["--config", str(config), "--trainer.strategy.sync_every", "8"])
+    assert cli.trainer.strategy.sync_every == 8
 
 
 def test_lightning_cli_strategy_by_name():

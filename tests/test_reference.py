@@ -49,6 +49,23 @@ def test_strategy_matches_reference_simulation(tmp_path, merge, sync_every):
     assert not torch.allclose(plain.state_dict()["0.weight"], reference.state_dict()["0.weight"], atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("merge", "sync_every", "nesterov"),
+    [("replica", 1, True), ("replica", 3, False), ("stale", 1, False), ("stale", 3, True)],
+)
+def test_outer_optimizer_matches_reference_simulation(tmp_path, merge, sync_every, nesterov):
+    outer = {"outer_lr": 0.7, "outer_momentum": 0.8, "outer_nesterov": nesterov}
+    args = {"per_rank_data": True, "num_batches": NUM_BATCHES, "merge": merge, "sync_every": sync_every}
+    results = run_ranks("fit", tmp_path, {**args, "strategy_args": outer})
+    batches = [make_batches(NUM_BATCHES, 8, seed=100 + r) for r in range(2)]
+    reference = simulate(build_net(), sgd, batches, sync_every, merge, mse, **outer)
+    for r in results:
+        assert_matches(r.result, reference)
+    # The outer optimizer changed the result: plain HPSGD's reference differs.
+    plain = simulate(build_net(), sgd, batches, sync_every, merge, mse)
+    assert not torch.allclose(plain.state_dict()["0.weight"], reference.state_dict()["0.weight"], atol=1e-4)
+
+
 def test_identical_data_replica_matches_single_process_and_stale_does_not(tmp_path):
     batches = make_batches(NUM_BATCHES, 8, seed=100)
     plain = plain_training(build_net(), sgd, batches, mse)

@@ -127,6 +127,7 @@ def test_dashboard_has_the_comparison_panels_and_groups_by_strategy():
     assert panels["Hidden fraction of communication (1 - wait/comm)"] == (WALL_TIME, ["hpsgd/hidden"])
     assert panels["Wait vs comm per round (ms)"] == (WALL_TIME, ["hpsgd/comm_ms", "hpsgd/wait_ms"])
     assert panels["Replica drift |R - G| / |G|"] == (STEP, ["hpsgd/drift"])
+    assert panels["sync_every (H of the current round)"] == (STEP, ["hpsgd/sync_every"])
     assert len(panels) == sum(len(p) for p in DASHBOARD.values())
     # The saved view, as it would be sent to the server (not sent here: no W&B server is reachable).
     view = workspace._to_model().model_dump_json(by_alias=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -132,13 +133,13 @@ def cpu_fp16_with_grad_scaler() -> Any:
 
 
 def build_trainer(args: dict[str, Any], outdir: Path, callbacks: list[Callback]) -> L.Trainer:
+    options = {"sync_every": args.get("sync_every", 1), "merge": args.get("merge", "replica")}
     strategy = HPSGDStrategy(
-        sync_every=args.get("sync_every", 1),
-        merge=args.get("merge", "replica"),
         comm_dtype=args.get("comm_dtype"),
         timeout=timedelta(seconds=args.get("timeout_s", 60)),
         process_group_backend=args.get("backend"),
         monitor=args.get("monitor", True),
+        **{**options, **args.get("strategy_args", {})},
     )
     if args.get("on_exception_checkpoint"):
         callbacks.append(OnExceptionCheckpoint(outdir / "on_exception"))
@@ -276,21 +277,27 @@ def scenario_engine(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
     rank = dist.get_rank()
     torch.manual_seed(1000 + rank)  # different on purpose: setup must broadcast rank 0's values
     dtype = getattr(torch, args.get("dtype", "float32"))
-    replica = [torch.randn(5, 3, dtype=dtype), torch.randn(7, dtype=dtype), torch.randn(2, dtype=torch.float64)]
+    rows = args.get("rows", 5)  # a larger first tensor makes a round's all-reduce longer
+    replica = [torch.randn(rows, 3, dtype=dtype), torch.randn(7, dtype=dtype), torch.randn(2, dtype=torch.float64)]
     counter = torch.tensor([3], dtype=torch.int64)
     engine = HPSGDEngine(
         {"w": replica[0], "b": replica[1], "fp64_buffer": replica[2], "counter": counter},
         group=dist.new_group(),
-        sync_every=args.get("sync_every", 1),
-        merge=args.get("merge", "replica"),
-        comm_dtype=args.get("comm_dtype"),
-        defer_checks=args.get("defer_checks", False),
-        broadcast=args.get("broadcast", True),
+        **{
+            "sync_every": args.get("sync_every", 1),
+            "merge": args.get("merge", "replica"),
+            "comm_dtype": args.get("comm_dtype"),
+            "defer_checks": args.get("defer_checks", False),
+            "broadcast": args.get("broadcast", True),
+            **args.get("engine_args", {}),
+        },
     )
+    step_sleep_s = args.get("step_sleep_s", [0.0, 0.0, 0.0])[rank]  # "compute" time per step, per rank
     out: dict[str, Any] = {"rank": rank, "initial": [t.clone() for t in replica], "counter": int(counter)}
     totals = [torch.zeros_like(t, dtype=torch.float64) for t in replica]
     gen = torch.Generator().manual_seed(rank)
     history = []
+    sync_steps, sync_every, proposals = [], [], []
     step = 0
     try:
         for step in range(1, args.get("steps", 7) + 1):
@@ -305,12 +312,20 @@ def scenario_engine(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
                 total.add_(t.double() - before)  # what the rank really changed, after its own rounding
             if args.get("extra_step_on_rank1") and rank == 1 and step == 2:
                 engine.on_optimizer_step(99)
-            engine.on_optimizer_step(step)
+            if step_sleep_s:
+                time.sleep(step_sleep_s)
+            if engine.on_optimizer_step(step):
+                sync_steps.append(step)
+                sync_every.append(engine.sync_every)
+                proposals.append(engine._proposal())  # what this rank's round just launched carries
             history.append([t.clone() for t in replica])
             if args.get("reenter_at_step") == step:
                 with engine._exclusive("sync point"):  # as if a signal handler interrupted a sync point
                     engine.flush(step)
         engine.flush(step)
+        for _ in range(args.get("extra_flushes", 0)):  # flushes with no step in between (validation, checkpoint)
+            out.setdefault("before_extra_flushes", [t.clone() for t in replica])
+            engine.flush(step)
     except Exception as err:  # the test asserts the message; every rank must raise the same error
         out["error"] = f"{type(err).__name__}: {err}"
     out.update(
@@ -321,6 +336,10 @@ def scenario_engine(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
         rounds=engine.stats.rounds,
         pending=engine.pending is not None,
         global_dtype=engine.global_.dtype,
+        sync_steps=sync_steps,
+        sync_every=sync_every,
+        proposals=proposals,
+        state=engine.state_dict(),
     )
     return out
 

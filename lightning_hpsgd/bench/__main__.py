@@ -45,8 +45,9 @@ def compare_main(args: Sequence[str]) -> None:
         prog="python -m lightning_hpsgd.bench",
         description="HPSGD against DDP, post-local SGD and the compute-only limit, each worker in its own network"
         " namespace behind a rate-limited link (needs root and iproute2; otherwise loopback, with a warning)."
-        " Writes bench.json, bench.md and bench.png to --out. 'overlap' as the first argument runs the engine's"
-        " overlap benchmark instead.",
+        " Writes bench.json, bench.md and bench.png to --out. Other benchmarks, named by the first argument:"
+        " 'overlap' (the engine alone), 'monitor' (HPSGDMonitor's cost), 'gpu' (CUDA/NCCL) and 'convergence'"
+        " (accuracy at equal steps, 2 to 8 workers); each has its own --help.",
     )
     parser.add_argument("--workers", type=int, default=defaults.workers, help="worker processes, one per namespace")
     parser.add_argument("--comm-ratio", type=float, default=defaults.comm_ratio,
@@ -107,6 +108,10 @@ def main(args: Sequence[str] | None = None) -> None:
         overlap_main(argv[1:])
     elif argv[:1] == ["monitor"]:
         monitor_main(argv[1:])
+    elif argv[:1] == ["convergence"]:
+        from lightning_hpsgd.bench.convergence import main as convergence_main
+
+        convergence_main(argv[1:])
     elif argv[:1] == ["gpu"]:
         from lightning_hpsgd.bench.gpu import main as gpu_main
 

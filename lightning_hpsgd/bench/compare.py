@@ -328,6 +328,8 @@ def summarize(config: BenchConfig, link: Link, equal_steps: dict, equal_time: di
                 max(r["peak_rss_mb"] - r["rss_before_fit_mb"] for r in ranks) for ranks in runs
             ),
             "extra_state_bytes": runs[0][0].get("hpsgd_state_bytes"),
+            # H at the end of each equal-steps run (what sync_every="auto" settled at)
+            "final_sync_every": [ranks[0].get("sync_every") for ranks in runs],
             "val_acc_equal_steps": statistics.median(ranks[0]["val_acc"] for ranks in runs),
             "val_acc_equal_time": statistics.median(ranks[0]["val_acc"] for ranks in equal_time[name]),
             "steps_in_time_budget": statistics.median(ranks[0]["steps"] for ranks in equal_time[name]),
@@ -336,7 +338,8 @@ def summarize(config: BenchConfig, link: Link, equal_steps: dict, equal_time: di
         }
     ratios = {}
     for num, den in (("hpsgd", "ddp"), ("hpsgd", "compute-only"), ("hpsgd_h4", "compute-only"),
-                     ("hpsgd", "localsgd"), ("hpsgd_stale", "hpsgd"), ("ddp", "compute-only")):  # fmt: skip
+                     ("hpsgd_auto", "compute-only"), ("hpsgd_auto", "hpsgd_h4"), ("hpsgd", "localsgd"),
+                     ("hpsgd_stale", "hpsgd"), ("ddp", "compute-only")):  # fmt: skip
         if num in strategies and den in strategies:
             ratios[f"{num}/{den}"] = strategies[num]["step_time_s"]["median"] / strategies[den]["step_time_s"]["median"]
     param_bytes = link.param_bytes
@@ -417,6 +420,10 @@ def markdown(report: dict[str, Any]) -> str:
             f" {s['val_acc_equal_time']:.4f} ({s['steps_in_time_budget']:.0f}) |"
         )
     lines += ["", "\\* share of the step time beyond compute-only's (HPSGD rows: measured waits at sync points).", ""]
+    auto = report["strategies"].get("hpsgd_auto")
+    if auto and any(h is not None for h in auto.get("final_sync_every", [])):
+        settled = auto["final_sync_every"]
+        lines += [f"hpsgd_auto ended its equal-steps runs at sync_every = {settled} (one value per repeat).", ""]
     lines += ["| ratio (median step times) | value | target |", "| --- | --- | --- |"]
     for key, value in report["ratios"].items():
         bound = TARGETS.get(key)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-STRATEGIES = ("ddp", "localsgd", "hpsgd", "hpsgd_h4", "hpsgd_stale", "compute-only")
+STRATEGIES = ("ddp", "localsgd", "hpsgd", "hpsgd_h4", "hpsgd_auto", "hpsgd_stale", "compute-only")
 
 
 def make_strategy(name: str, timeout_s: float, monitor: bool = False) -> Any:
@@ -36,7 +36,8 @@ def make_strategy(name: str, timeout_s: float, monitor: bool = False) -> Any:
     if name == "localsgd":
         return PostLocalSGDStrategy(model_averaging_period=4, warmup_steps=8, process_group_backend="gloo",
                                     timeout=timeout)  # fmt: skip
-    hpsgd = {"hpsgd": {}, "hpsgd_h4": {"sync_every": 4}, "hpsgd_stale": {"merge": "stale"}}
+    hpsgd = {"hpsgd": {}, "hpsgd_h4": {"sync_every": 4}, "hpsgd_auto": {"sync_every": "auto"},
+             "hpsgd_stale": {"merge": "stale"}}  # fmt: skip
     if name in hpsgd:
         return HPSGDStrategy(process_group_backend="gloo", timeout=timeout, monitor=monitor, **hpsgd[name])
     if name == "compute-only":
@@ -158,6 +159,7 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
         "val_acc": float(final["val/acc"]),
         "wait_seconds": stats.wait_seconds if stats is not None else None,
         "rounds": stats.rounds if stats is not None else None,
+        "sync_every": stats.sync_every if stats is not None else None,
         "rss_before_fit_mb": rss_before,
         "peak_rss_mb": peak,
         "param_bytes": param_bytes,

@@ -61,6 +61,10 @@ class ImageClassifier(L.LightningModule):
         return self(x).argmax(dim=-1)
 
     def configure_optimizers(self) -> Any:
+        return self.optimizer_config(self.trainer.estimated_stepping_batches)
+
+    def optimizer_config(self, total_steps: int) -> dict[str, Any]:
+        """The optimizer and its per-step schedule for a run of ``total_steps`` optimizer steps."""
         hp = self.hparams
         if hp.optimizer == "adamw":
             optimizer: torch.optim.Optimizer = torch.optim.AdamW(
@@ -70,7 +74,5 @@ class ImageClassifier(L.LightningModule):
             optimizer = torch.optim.SGD(
                 self.parameters(), lr=hp.lr, momentum=0.9, nesterov=True, weight_decay=hp.weight_decay
             )
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=hp.lr, total_steps=self.trainer.estimated_stepping_batches
-        )
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=int(total_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
