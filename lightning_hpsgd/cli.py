@@ -118,7 +118,15 @@ def _option_values(args: Sequence[str]) -> dict[str, list[str]]:
     return out
 
 
-_CHECKED_OPTIONS = ("sync_every", "merge", "max_sync_every", "outer_lr", "outer_momentum", "outer_nesterov")
+_CHECKED_OPTIONS = (
+    "sync_every",
+    "merge",
+    "max_sync_every",
+    "outer_lr",
+    "outer_momentum",
+    "outer_nesterov",
+    "hierarchy",
+)
 
 
 def _parse_value(value: str) -> Any:

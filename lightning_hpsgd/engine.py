@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 MergeMode = Literal["replica", "stale"]
 MERGE_MODES: tuple[str, ...] = ("replica", "stale")
 SyncEvery = int | Literal["auto"]
+HIERARCHIES: tuple[str | None, ...] = (None, "node")
 DEFAULT_MAX_SYNC_EVERY = 32
 # sync_every="auto" proposes the smallest H with comm <= H x compute / AUTO_MARGIN, from moving averages of both.
 AUTO_MARGIN = 1.25
@@ -111,6 +112,7 @@ def validate_options(
     outer_lr: object = 1.0,
     outer_momentum: object = 0.0,
     outer_nesterov: object = True,
+    hierarchy: object = None,
 ) -> None:
     """Raise a ``ValueError`` naming the accepted values if an option of the rule is invalid."""
     if not (_is_count(sync_every) or sync_every == "auto"):
@@ -134,6 +136,11 @@ def validate_options(
         )
     if not isinstance(outer_nesterov, bool):
         raise ValueError(f"outer_nesterov must be True or False; received {outer_nesterov!r}.")
+    if hierarchy not in HIERARCHIES:
+        raise ValueError(
+            f"hierarchy must be None (flat HPSGD: every rank a worker) or 'node' (synchronous inside a node, HPSGD"
+            f" across nodes); received {hierarchy!r}."
+        )
 
 
 def _is_real(value: object) -> bool:
@@ -186,6 +193,25 @@ class _DeferredCheck:
     ready: torch.cuda.Event | None
 
 
+@dataclass(frozen=True)
+class NodeGroups:
+    """This rank's process groups for ``hierarchy="node"`` (made by [`lightning_hpsgd.process_groups.node_groups`][]).
+
+    Attributes:
+        node: the ranks of this rank's node (``local_size`` of them), or ``None`` when a node has one device.
+        across: the ranks with this rank's local rank on every node (``num_nodes`` of them): the slow link.
+        local_rank: this rank's index among its node's ranks.
+        local_size: ``L``, devices (ranks) per node; the same on every node.
+        num_nodes: ``N``.
+    """
+
+    node: dist.ProcessGroup | None
+    across: dist.ProcessGroup
+    local_rank: int
+    local_size: int
+    num_nodes: int
+
+
 @dataclass
 class EngineStats:
     """What the engine measured; the figures grow over a run.
@@ -207,7 +233,9 @@ class EngineStats:
         last_drift: ``‖R − G‖ / ‖G‖`` just before the merge, at the latest sync point that measured it (see
             [`HPSGDEngine.request_drift`][]), or ``None``. A 0-d tensor on the engine's device, so reading it
             is the only host sync it costs.
-        bytes_per_round: payload bytes of one all-reduce, per rank.
+        bytes_per_round: payload bytes one rank puts on the HPSGD all-reduce per round (with
+            ``hierarchy="node"``: its ``1/L`` share of the model, on the group across nodes).
+        bytes_sent: the payload bytes of every all-reduce this rank launched, summed (the side channel excluded).
         promoted: frozen tensors found changed at a flush, and averaged in every round since.
         sync_every: ``H`` of the current round (with ``sync_every="auto"``, the latest agreed value).
     """
@@ -224,6 +252,7 @@ class EngineStats:
     last_staleness_steps: int = 0
     last_drift: Tensor | None = None
     bytes_per_round: int = 0
+    bytes_sent: int = 0
     promoted: int = 0
     sync_every: int = 0
 
@@ -303,6 +332,12 @@ class HPSGDEngine:
             group's timeout and watchdog apply instead, so that a merge never blocks the host.
         broadcast: whether to broadcast rank 0's values at construction (default ``True``). With ``False`` the
             caller promises that the tensors are already identical on every rank; the first flush checks it.
+        nodes: ``hierarchy="node"``: the node's groups ([`NodeGroups`][]). The caller keeps node-mates identical
+            (a synchronous gradient all-reduce inside each node), so their ``Δ`` are equal; each rank then
+            all-reduces only its share (slice ``local_rank`` of ``L`` near-equal slices of the flat ``Δ``, and the
+            side channel) on ``nodes.across``, and the merge all-gathers the node's shares over ``nodes.node``, so
+            every rank adds the same full mean to ``G``. ``group`` still spans every rank (broadcast, checks at
+            flushes). Default ``None``: flat HPSGD, every rank a worker.
         defer_checks: read each round's side channel one merge later, from a non-blocking copy, so that a sync
             point never blocks the host (default: on CUDA). Errors are still raised on every rank at the same
             merge, one round later; a non-finite round has then already reached ``G``, which is abandoned.
@@ -324,6 +359,7 @@ class HPSGDEngine:
         outer_nesterov: bool = True,
         timeout: timedelta | None = None,
         broadcast: bool = True,
+        nodes: NodeGroups | None = None,
         defer_checks: bool | None = None,
     ) -> None:
         validate_options(
@@ -347,6 +383,15 @@ class HPSGDEngine:
         self.timeout = timeout
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self.nodes = nodes
+        if nodes is not None and nodes.local_size * nodes.num_nodes != self.world_size:
+            raise ValueError(
+                f"HPSGD: {nodes.num_nodes} nodes of {nodes.local_size} ranks do not make the group's"
+                f" {self.world_size} ranks."
+            )
+        # The group of each round's all-reduce, and how many distinct changes it averages (workers, or nodes).
+        self._round_group = nodes.across if nodes is not None else group
+        self.num_workers = nodes.num_nodes if nodes is not None else self.world_size
         self._wire_dtype_option = resolve_comm_dtype(comm_dtype)
         self._promoted: set[str] = set()
         self._set_tensors(tensors, averaged)
@@ -594,7 +639,7 @@ class HPSGDEngine:
                 restored += 1
         if "stats" in state:
             self.stats = EngineStats.from_dict(state["stats"])
-            self.stats.bytes_per_round = self._payload.numel() * self._payload.element_size()
+            self.stats.bytes_per_round = self._wire_share.numel() * self._wire_share.element_size()
         if self._momentum is not None:
             self._copy_by_name(state.get("outer_momentum", {}), self._momentum_views)
         if self.auto and state.get("sync_every"):
@@ -649,8 +694,8 @@ class HPSGDEngine:
         self.compressed = torch.finfo(wire_dtype).bits < torch.finfo(self.layout.dtype).bits
         self.comm_dtype = wire_dtype if self.compressed else self.layout.dtype
         # A compressed wire carries Δ / W (so the sum cannot overflow where the mean would not); a full-precision
-        # wire carries Δ and the merge divides the sum by W, as the rule writes it.
-        self._merge_scale = 1.0 if self.compressed else 1.0 / self.world_size
+        # wire carries Δ and the merge divides the sum by W, as the rule writes it. (W: workers, or nodes.)
+        self._merge_scale = 1.0 if self.compressed else 1.0 / self.num_workers
         self.global_ = self.layout.new_buffer()
         self.start = self.layout.new_buffer()
         # The outer momentum M: only when used, so that the defaults keep three buffers. New tensors start at 0.
@@ -661,21 +706,35 @@ class HPSGDEngine:
         self._start_views = self.layout.views(self.start)
         self._global_views = self.layout.views(self.global_)
         # Three flat buffers in all: G, S (which holds Δ during a sync point) and the wire. A full-precision wire
-        # also carries the side channel in a tail of 4W values (exact integers in fp32/fp64), so a round is a single
+        # also carries the side channel in a tail of 5W values (exact integers in fp32/fp64), so a round is a single
         # all-reduce; a compressed one cannot hold them exactly, and sends them in a separate int64 all-reduce.
+        # With nodes, the wire carries this rank's share of Δ (slice `local_rank` of L; the last one zero-padded),
+        # and a fourth buffer receives the node's merged shares.
+        local_size = self.nodes.local_size if self.nodes is not None else 1
+        local_rank = self.nodes.local_rank if self.nodes is not None else 0
+        share = -(-self.layout.numel // local_size)
+        numel = self.layout.numel
+        self._share_range = (min(local_rank * share, numel), min((local_rank + 1) * share, numel))
         self._packed = not self.compressed
-        tail = _META_FIELDS * self.world_size if self._packed else 0
-        self._wire = torch.zeros(self.layout.numel + tail, dtype=self.comm_dtype, device=self.device)
-        self._payload = self._wire[: self.layout.numel]
-        self._meta = (
-            self._wire[self.layout.numel :]
-            if self._packed
-            else torch.zeros(_META_FIELDS * self.world_size, dtype=torch.int64, device=self.device)
+        tail = _META_FIELDS * self.world_size
+        self._wire = torch.zeros(share + (tail if self._packed else 0), dtype=self.comm_dtype, device=self.device)
+        self._wire_share = self._wire[:share]
+        self._wire_meta = (
+            self._wire[share:] if self._packed else torch.zeros(tail, dtype=torch.int64, device=self.device)
         )
+        self._gather = local_size > 1
+        if self._gather:
+            self._gathered = torch.zeros(local_size, share, dtype=self.comm_dtype, device=self.device)
+            self._payload = self._gathered.view(-1)[: self.layout.numel]
+            self._gathered_meta = torch.zeros(local_size, tail, dtype=self._wire_meta.dtype, device=self.device)
+            self._meta = torch.zeros(tail, dtype=self._wire_meta.dtype, device=self.device)
+        else:
+            self._payload = self._wire_share
+            self._meta = self._wire_meta
         pin = self.device.type == "cuda"
         self._meta_host = torch.zeros(self._meta.shape, dtype=self._meta.dtype, pin_memory=pin)
         self._finite_host = torch.ones((), dtype=torch.bool, pin_memory=pin)
-        self.stats.bytes_per_round = self._payload.numel() * self._payload.element_size()
+        self.stats.bytes_per_round = self._wire_share.numel() * self._wire_share.element_size()
         self.stats.promoted = len(self._promoted)
         with torch.no_grad():
             torch._foreach_copy_(self._start_views, self.replica)
@@ -830,18 +889,22 @@ class HPSGDEngine:
 
     def _launch(self, step: int, is_flush: bool) -> None:
         """Put S's Δ (or Δ / W on a compressed wire) and this rank's side channel on the wire; start the all-reduce."""
+        begin, end = self._share_range
+        share = self._wire_share[: end - begin]
         if self.compressed:
-            torch.mul(self.start, 1.0 / self.world_size, out=self._payload)
+            torch.mul(self.start[begin:end], 1.0 / self.num_workers, out=share)
         else:
-            self._payload.copy_(self.start)
+            share.copy_(self.start[begin:end])
         code = 2 * step + int(is_flush)
         w, r = self.world_size, self.rank
-        self._meta.zero_()
-        self._meta[r] = code >> _CODE_BITS
-        self._meta[w + r] = code & ((1 << _CODE_BITS) - 1)
-        self._meta[3 * w + r] = int(self._stop_to_send)
-        self._meta[4 * w + r] = self._proposal()
-        self._meta[2 * w + r] = torch.logical_not(torch.isfinite(self._payload.sum(dtype=self.layout.dtype)))
+        meta = self._wire_meta
+        meta.zero_()
+        meta[r] = code >> _CODE_BITS
+        meta[w + r] = code & ((1 << _CODE_BITS) - 1)
+        meta[3 * w + r] = int(self._stop_to_send)
+        meta[4 * w + r] = self._proposal()
+        meta[2 * w + r] = torch.logical_not(torch.isfinite(share.sum(dtype=self.layout.dtype)))
+        self.stats.bytes_sent += self.stats.bytes_per_round
         stream_ctx = nullcontext()
         events = None
         if self._comm_stream is not None:
@@ -854,9 +917,9 @@ class HPSGDEngine:
         with stream_ctx:
             if events is not None:
                 events[0].record()
-            works: tuple[dist.Work, ...] = (dist.all_reduce(self._wire, group=self.group, async_op=True),)
+            works: tuple[dist.Work, ...] = (dist.all_reduce(self._wire, group=self._round_group, async_op=True),)
             if not self._packed:
-                works += (dist.all_reduce(self._meta, group=self.group, async_op=True),)
+                works += (dist.all_reduce(self._wire_meta, group=self._round_group, async_op=True),)
             if events is not None:
                 events[1].record()
         pending = _Pending(
@@ -901,6 +964,8 @@ class HPSGDEngine:
                 current.wait_stream(self._comm_stream)
                 if self._last_wait_events is not None:
                     self._last_wait_events[1].record(current)
+            if self._gather:
+                self._gather_node_shares()
             waited = time.perf_counter() - started
             self._check_deferred()
             if defer:
@@ -928,6 +993,14 @@ class HPSGDEngine:
         self._add_to_global(outer=pending.steps > 0)
         self.stats.rounds += 1
         return waited
+
+    def _gather_node_shares(self) -> None:
+        """``hierarchy="node"``: every rank of the node receives the node's merged shares and side channels (each
+        side channel holds the fields of the ranks with its local rank; their sum holds every rank's)."""
+        assert self.nodes is not None
+        dist.all_gather(list(self._gathered.unbind(0)), self._wire_share, group=self.nodes.node)
+        dist.all_gather(list(self._gathered_meta.unbind(0)), self._wire_meta, group=self.nodes.node)
+        torch.sum(self._gathered_meta, dim=0, out=self._meta)
 
     def _add_to_global(self, outer: bool) -> None:
         """``G ← G + U``: ``U`` is the outer optimizer's step on ``ḡ``, the merged mean change on the wire.

@@ -14,9 +14,11 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from lightning_hpsgd.engine import NodeGroups
+
 log = logging.getLogger(__name__)
 
-__all__ = ["destroy_default_group_at_exit", "forget", "new_group"]
+__all__ = ["destroy_default_group_at_exit", "forget", "new_group", "node_groups"]
 
 # Groups this module created whose collectives all completed: destroyed at exit.
 _OWN_GROUPS: dict[int, dist.ProcessGroup] = {}
@@ -56,3 +58,38 @@ def _destroy_at_exit() -> None:
     if _DEFAULT_GROUP["destroy_at_exit"] and dist.is_initialized():
         _DEFAULT_GROUP["destroy_at_exit"] = False
         dist.destroy_process_group()
+
+
+def node_groups(node_rank: int, backend: str | None, timeout: timedelta | None) -> NodeGroups:
+    """The groups of ``hierarchy="node"``: this rank's node, and its peers of the same local rank on other nodes.
+
+    Every rank calls it with its node's index (any labels, for example ``NODE_RANK``); ranks are grouped by it, in
+    global rank order. A collective on the default group. Destroyed at interpreter exit unless `forget` is called.
+
+    Raises:
+        ValueError: if the nodes have different numbers of ranks.
+    """
+    labels: list[int] = [0] * dist.get_world_size()
+    dist.all_gather_object(labels, node_rank)
+    members: dict[int, list[int]] = {}
+    for rank, label in enumerate(labels):
+        members.setdefault(label, []).append(rank)
+    nodes = [members[label] for label in sorted(members)]
+    sizes = {len(ranks) for ranks in nodes}
+    if len(sizes) != 1:
+        counts = ", ".join(f"node {label}: {len(members[label])}" for label in sorted(members))
+        raise ValueError(
+            f"HPSGD: hierarchy='node' needs the same number of ranks on every node; found {counts}. Start the same"
+            " number of processes (devices) on every node, or use hierarchy=None."
+        )
+    local_size = sizes.pop()
+    node_group = None
+    if local_size > 1:
+        node_group, _ = dist.new_subgroups_by_enumeration(nodes, timeout=timeout, backend=backend)
+        _OWN_GROUPS[id(node_group)] = node_group
+    across = [[ranks[i] for ranks in nodes] for i in range(local_size)]
+    across_group, _ = dist.new_subgroups_by_enumeration(across, timeout=timeout, backend=backend)
+    _OWN_GROUPS[id(across_group)] = across_group
+    rank = dist.get_rank()
+    local_rank = next(ranks.index(rank) for ranks in nodes if rank in ranks)
+    return NodeGroups(node_group, across_group, local_rank, local_size, len(nodes))

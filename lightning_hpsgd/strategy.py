@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from datetime import timedelta
 from itertools import chain
 from typing import Any, Literal
@@ -51,6 +52,7 @@ from lightning_hpsgd.engine import (
     EngineStats,
     HPSGDEngine,
     MergeMode,
+    NodeGroups,
     StopRequest,
     resolve_comm_dtype,
     validate_options,
@@ -101,6 +103,13 @@ class HPSGDStrategy(DDPStrategy):
             rank and is checkpointed.
         outer_nesterov: Nesterov momentum (default ``True``). With ``outer_lr=1.0`` and ``outer_momentum=0.0``
             the outer optimizer is off: plain HPSGD, bit for bit.
+        hierarchy: ``None`` (default): flat HPSGD, every rank (device) a worker with its own replica. ``"node"``:
+            for nodes of several devices (fast link inside a node, slow link between nodes): inside a node the
+            ranks average gradients at every step as DDP does (``DistributedDataParallel`` on a process group of
+            the node's ranks, overlapped with backward), so node-mates hold one replica; across nodes HPSGD runs
+            with each local rank all-reducing only its ``1/L`` share of the change (``L`` devices per node) with
+            the same local rank on the other nodes, then the node all-gathers the shares. Every node needs the
+            same number of devices.
         process_group_backend: ``"gloo"`` or ``"nccl"``; default: the accelerator's default, as in DDP.
         timeout: how long a collective may wait for a peer before the rank fails (a ``timedelta``, or seconds as a
             number). Default: PyTorch's default process group timeout (30 minutes), as in DDP.
@@ -126,6 +135,7 @@ class HPSGDStrategy(DDPStrategy):
         outer_momentum: float = 0.0,
         outer_nesterov: bool = True,
         max_sync_every: int = DEFAULT_MAX_SYNC_EVERY,
+        hierarchy: Literal["node"] | None = None,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -143,6 +153,7 @@ class HPSGDStrategy(DDPStrategy):
             outer_lr=outer_lr,
             outer_momentum=outer_momentum,
             outer_nesterov=outer_nesterov,
+            hierarchy=hierarchy,
         )
         if start_method not in ("popen", "spawn", "fork", "forkserver"):
             raise ValueError(
@@ -170,6 +181,8 @@ class HPSGDStrategy(DDPStrategy):
         self.outer_momentum = float(outer_momentum)
         self.outer_nesterov = outer_nesterov
         self.monitor = monitor
+        self.hierarchy = hierarchy
+        self._node_groups: NodeGroups | None = None
         self._engine: HPSGDEngine | None = None
         self._hpsgd_group: dist.ProcessGroup | None = None
         self._object_group: dist.ProcessGroup | None = None
@@ -177,6 +190,7 @@ class HPSGDStrategy(DDPStrategy):
         self._callback_list: list[Callback] = []  # the Trainer's list they were added to
         self._patches: compat.StopPatches | None = None
         self._signature: tuple = ()
+        self._wrapped_parameters: list[int] = []
         self._abandoned = False
         self._exception_handled = False
         # Engine state read from a checkpoint (resume), used once by the next engine; and the last engine's state,
@@ -202,6 +216,7 @@ class HPSGDStrategy(DDPStrategy):
             "outer_lr": self.outer_lr,
             "outer_momentum": self.outer_momentum,
             "outer_nesterov": self.outer_nesterov,
+            "hierarchy": self.hierarchy,
             "process_group_backend": self.process_group_backend,
             "timeout_s": self._timeout.total_seconds() if self._timeout is not None else None,
         }
@@ -248,6 +263,7 @@ class HPSGDStrategy(DDPStrategy):
             self.setup_optimizers(trainer)
             _reject_sharded_optimizers(self.optimizers)
             self._start_engine(trainer)
+            self._wrap_for_the_node()
         else:
             compat.sync_module_states(self.model)
         self.setup_precision_plugin()
@@ -333,6 +349,7 @@ class HPSGDStrategy(DDPStrategy):
         if engine is not None:
             self._last_stats = engine.stats
         self._engine = None
+        self._wrapped_parameters = []
         for callback in self._added_callbacks:
             if callback in self._callback_list:
                 self._callback_list.remove(callback)
@@ -369,10 +386,14 @@ class HPSGDStrategy(DDPStrategy):
             # Checkpoint state is gathered as pickled CPU objects: over gloo, never through rank 0's GPU memory.
             if self.process_group_backend != "gloo":
                 self._object_group = process_groups.new_group("gloo", self._timeout)
+            if self.hierarchy == "node":
+                self._node_groups = process_groups.node_groups(
+                    self.node_rank, self.process_group_backend, self._timeout
+                )
         tensors = self._model_tensors()
         self._engine = HPSGDEngine(
             tensors,
-            _averaged_names(self.model),
+            _averaged_names(self.lightning_module),
             group=self._hpsgd_group,
             object_group=self._object_group,
             sync_every=self.sync_every,
@@ -383,8 +404,9 @@ class HPSGDStrategy(DDPStrategy):
             outer_momentum=self.outer_momentum,
             outer_nesterov=self.outer_nesterov,
             timeout=self._timeout,
+            nodes=self._node_groups,
         )
-        self._signature = _signature(self.model)
+        self._signature = _signature(self.lightning_module)
         if self._engine_state_to_load is not None:
             self._engine.load_state_dict(self._engine_state_to_load)
         self._engine_state_to_load = None
@@ -400,17 +422,41 @@ class HPSGDStrategy(DDPStrategy):
             trainer.callbacks.append(self._added_callbacks[-1])
         self._patches = compat.StopPatches(trainer, self._raise_if_stopping, self._on_sigterm, self._check_time)
 
+    def _wrap_for_the_node(self) -> None:
+        """``hierarchy="node"`` with several devices per node: DDP on the node's group averages gradients."""
+        nodes = self._node_groups
+        if nodes is None or nodes.node is None:
+            return
+        device_ids = self.determine_ddp_device_ids()
+        ctx = torch.cuda.stream(torch.cuda.Stream()) if device_ids is not None else nullcontext()
+        with ctx:
+            self.model = DistributedDataParallel(
+                module=self.lightning_module, device_ids=device_ids, process_group=nodes.node, **self._ddp_kwargs
+            )
+        # DDP's reducer holds these parameter objects: a parameter replaced later would silently stop being
+        # averaged inside the node, so `_follow_model` refuses it.
+        self._wrapped_parameters = [id(p) for p in self.lightning_module.parameters()]
+
     def _model_tensors(self) -> dict[str, Tensor]:
-        assert self.model is not None
-        return dict(chain(self.model.named_parameters(), self.model.named_buffers()))
+        module = self.lightning_module
+        assert module is not None
+        return dict(chain(module.named_parameters(), module.named_buffers()))
 
     def _follow_model(self) -> None:
         """Hand the engine the module's tensors again if any was replaced, (un)frozen, added or removed."""
         if self._engine is None or self._engine.aborted:
             return
-        signature = _signature(self.model)
+        signature = _signature(self.lightning_module)
         if signature != self._signature:
-            self._engine.follow(self._model_tensors(), _averaged_names(self.model), self._global_step())
+            if self._wrapped_parameters and [id(p) for p in self.lightning_module.parameters()] != (
+                self._wrapped_parameters
+            ):
+                raise ValueError(
+                    "HPSGD: a parameter of the module was replaced or added during fit. With hierarchy='node', the"
+                    " node's gradient averaging (DDP) cannot follow a new parameter object; assign to"
+                    " `param.data` instead, or use hierarchy=None."
+                )
+            self._engine.follow(self._model_tensors(), _averaged_names(self.lightning_module), self._global_step())
             self._signature = signature
 
     def _raise_if_stopping(self) -> None:
@@ -474,7 +520,8 @@ class HPSGDStrategy(DDPStrategy):
 
     def _abandon(self, exception: BaseException) -> None:
         self._abandoned = True
-        process_groups.forget(self._hpsgd_group, self._object_group)
+        nodes = self._node_groups
+        process_groups.forget(self._hpsgd_group, self._object_group, *((nodes.node, nodes.across) if nodes else ()))
         if self._engine is None or self._engine.aborted:
             return
         self._engine.abandon()

@@ -30,8 +30,13 @@ def simulate(
     outer_lr: float = 1.0,
     outer_momentum: float = 0.0,
     outer_nesterov: bool = True,
+    node_size: int = 1,
 ) -> nn.Module:
     """Train ``len(batches)`` workers from copies of ``model`` with HPSGD; flush at the end.
+
+    With ``node_size = L > 1`` (``hierarchy="node"``), ``batches`` holds every rank's stream, node by node
+    (ranks ``n L .. n L + L - 1`` on node ``n``). The ranks of a node average their gradients at every step, so
+    each node is one HPSGD worker whose gradient is the mean of its ranks' gradients; HPSGD runs across the nodes.
 
     Every merge of a round that contained optimizer steps goes through the outer optimizer of the rule:
     ``M = mu M + g``, ``U = lr (g + mu M)`` (Nesterov) or ``lr M``, ``G = G + U``; the defaults make ``U = g``.
@@ -40,7 +45,8 @@ def simulate(
     Returns:
         The flushed model (every worker's replica equals it).
     """
-    workers = [copy.deepcopy(model) for _ in batches]
+    per_node = [batches[n : n + node_size] for n in range(0, len(batches), node_size)]
+    workers = [copy.deepcopy(model) for _ in per_node]
     optimizers = [make_optimizer(w) for w in workers]
     world = len(workers)
     with torch.no_grad():
@@ -59,9 +65,9 @@ def simulate(
 
     steps = len(batches[0])
     for step in range(1, steps + 1):
-        for w, opt, data in zip(workers, optimizers, batches):
+        for w, opt, node in zip(workers, optimizers, per_node):
             opt.zero_grad()
-            loss_fn(w, data[step - 1]).backward()
+            (sum(loss_fn(w, data[step - 1]) for data in node) / len(node)).backward()
             opt.step()
         if step % sync_every == 0:
             with torch.no_grad():

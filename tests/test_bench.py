@@ -70,16 +70,18 @@ def test_summary_aggregates_repeats_by_median_and_ratios_from_medians():
 def test_quick_run_reports_every_strategy_with_ratios_from_the_raw_timings(tmp_path):
     """One short end-to-end run of three strategies (calibration, throttled link, both phases, the report files)."""
     names = ["hpsgd", "ddp", "compute-only"]
+    # A ratio of 10: reachable by throttling even when the other test worker loads the CPU (at 1, the tiny model's
+    # all-reduce can exceed a step of compute at full speed, and the run then warns instead of throttling).
     cmd = [sys.executable, "-m", "lightning_hpsgd.bench", "--quick", "--channels", "4", "--steps", "30",
            "--val-every", "15", "--out", str(tmp_path / "report"), "--data-dir", str(tmp_path / "mnist1d"),
-           "--strategies", *names]  # fmt: skip
+           "--comm-ratio", "10", "--strategies", *names]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out, _ = proc.communicate(timeout=360)
     assert proc.returncode == 0, out[-4000:]
     report = json.loads((tmp_path / "report" / "bench.json").read_text())
 
     assert set(report["strategies"]) == set(names) and set(names) <= set(STRATEGIES)
-    assert report["workers"] == 2 and report["comm_ratio"] == 1.0
+    assert report["workers"] == 2 and report["nodes"] == 2 and report["comm_ratio"] == 10.0
     if CAN_MAKE_NAMESPACES:
         assert report["link"] == "netns" and report["link_mbit"] > 0 and report["warning"] is None
     else:
@@ -126,6 +128,23 @@ def test_namespaces_are_removed_when_the_run_is_stopped(tmp_path):
             proc.kill()
     assert proc.returncode != 0
     assert namespaces_of(proc.pid) == [], out[-2000:]
+
+
+@pytest.mark.skipif(not CAN_MAKE_NAMESPACES, reason="needs root and iproute2")
+def test_workers_of_a_simulated_node_share_its_namespace_and_talk_across_nodes(tmp_path):
+    """`--workers 4 --nodes 2`: workers 0-1 in one namespace, 2-3 in another; one all-reduce spans all four."""
+    from lightning_hpsgd.bench.compare import BenchConfig, Runner
+    from lightning_hpsgd.bench.netns import SlowLink
+
+    config = BenchConfig(workers=4, nodes=2, channels=4, data_dir=str(tmp_path / "mnist1d"))
+    with SlowLink(config.nodes, 1000.0) as link:
+        results = Runner(config, link, tmp_path).run({"mode": "calibrate", "measure_compute": False})
+    assert [r["rank"] for r in results] == [0, 1, 2, 3]
+    spaces = [r["netns"] for r in results]
+    assert spaces[0] == spaces[1] != spaces[2] == spaces[3] and os.readlink("/proc/self/ns/net") not in spaces
+    assert all(r["allreduce_s"] > 0 for r in results)
+    with pytest.raises(ValueError, match="--nodes must divide --workers"):
+        BenchConfig(workers=4, nodes=3)
 
 
 def test_gpu_mode_reports_every_mode_on_cpu(tmp_path):

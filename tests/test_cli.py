@@ -170,6 +170,8 @@ def test_top_level_help_names_the_project_every_subcommand_the_recipes_and_an_ex
          " (chosen from the measured communication and compute times); received 0."),
         (["--config", MNIST1D, "--trainer.strategy.outer_momentum", "1.5"],
          "--trainer.strategy.outer_momentum: outer_momentum must be a number in [0, 1)"),
+        (["--config", MNIST1D, "--trainer.strategy.hierarchy", "rack"],
+         "--trainer.strategy.hierarchy: hierarchy must be None (flat HPSGD: every rank a worker) or 'node'"),
         (["--config", MNIST1D, "--trainer.strategy.merge", "foo"],
          "--trainer.strategy.merge: merge must be one of ['replica', 'stale']; received 'foo'."),
         (["--config", MNIST1D, "--trainer.strategy", "hpsdg"],
@@ -178,7 +180,8 @@ def test_top_level_help_names_the_project_every_subcommand_the_recipes_and_an_ex
          "--config: no such file: '" + str(ROOT / "recipes" / "mnist1dd.yaml") + "'. Did you mean recipes/mnist1d.yaml?"
          f" Recipes in {ROOT / 'recipes'}: cifar10_resnet18.yaml,"),
     ],
-    ids=["sync_every-0", "outer_momentum-1.5", "merge-foo", "misspelled-strategy", "misspelled-recipe"],
+    ids=["sync_every-0", "outer_momentum-1.5", "hierarchy-rack", "merge-foo", "misspelled-strategy",
+         "misspelled-recipe"],
 )  # fmt: skip
 def test_user_errors_end_in_one_short_line(args, message, tmp_path):
     done = run_cli(["fit", *args], cwd=tmp_path)

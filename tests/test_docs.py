@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import runpy
@@ -98,8 +99,12 @@ def test_multinode_slurm_command_with_the_variables_srun_sets(tmp_path):
                    SLURM_NODELIST="127.0.0.1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)  # fmt: skip
         envs.append(env)
     command[0] = sys.executable if command[0] == "python" else command[0]
+    assert command[-2:] == ["--hierarchy", "node"]
     outs = run_all([command] * tasks, envs, tmp_path)
     assert any(f"trained on {tasks} processes, {nodes} nodes" in out for out in outs), outs[0][-3000:]
+    # hierarchy="node": each rank sends its 1/per_node share of the model between nodes.
+    sent, model = map(int, re.search(r"each rank sent (\d+) of the model's (\d+) bytes", "".join(outs)).groups())
+    assert sent == math.ceil(model / 4 / per_node) * 4
 
 
 def test_make_demo_runs_the_demo_module():

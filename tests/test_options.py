@@ -96,6 +96,7 @@ trainer:
       outer_lr: 0.7
       outer_momentum: 0.9
       outer_nesterov: false
+      hierarchy: node
 model:
   hidden: 8
 """
@@ -106,10 +107,13 @@ model:
     assert (strategy.sync_every, strategy.merge, strategy.comm_dtype) == (4, "stale", torch.bfloat16)
     assert strategy._timeout == timedelta(seconds=120)
     assert (strategy.outer_lr, strategy.outer_momentum, strategy.outer_nesterov) == (0.7, 0.9, False)
+    assert strategy.hierarchy == "node"
     assert cli.model.hparams.hidden == 8
     # The run config that HPSGDMonitor gives every logger names every option of the rule.
     config = strategy.hyperparameters
-    assert {k: config[k] for k in ("sync_every", "merge", "outer_lr", "outer_momentum", "outer_nesterov")} == {
+    names = ("sync_every", "merge", "outer_lr", "outer_momentum", "outer_nesterov", "hierarchy")
+    assert {k: config[k] for k in names} == {
+        "hierarchy": "node",
         "sync_every": 4,
         "merge": "stale",
         "outer_lr": 0.7,

@@ -274,12 +274,17 @@ def scenario_engine(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
         world_size=int(os.environ["WORLD_SIZE"]),
         timeout=timedelta(seconds=args.get("timeout_s", 60)),
     )
-    rank = dist.get_rank()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(1000 + rank)  # different on purpose: setup must broadcast rank 0's values
     dtype = getattr(torch, args.get("dtype", "float32"))
     rows = args.get("rows", 5)  # a larger first tensor makes a round's all-reduce longer
     replica = [torch.randn(rows, 3, dtype=dtype), torch.randn(7, dtype=dtype), torch.randn(2, dtype=torch.float64)]
     counter = torch.tensor([3], dtype=torch.int64)
+    nodes = None
+    if args.get("hierarchy"):  # node-mates make the same changes, as the gradient all-reduce inside a node makes them
+        from lightning_hpsgd.process_groups import node_groups
+
+        nodes = node_groups(int(os.environ["NODE_RANK"]), "gloo", timedelta(seconds=args.get("timeout_s", 60)))
     engine = HPSGDEngine(
         {"w": replica[0], "b": replica[1], "fp64_buffer": replica[2], "counter": counter},
         group=dist.new_group(),
@@ -289,13 +294,14 @@ def scenario_engine(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
             "comm_dtype": args.get("comm_dtype"),
             "defer_checks": args.get("defer_checks", False),
             "broadcast": args.get("broadcast", True),
+            "nodes": nodes,
             **args.get("engine_args", {}),
         },
     )
-    step_sleep_s = args.get("step_sleep_s", [0.0, 0.0, 0.0])[rank]  # "compute" time per step, per rank
+    step_sleep_s = args.get("step_sleep_s", [0.0] * world_size)[rank]  # "compute" time per step, per rank
     out: dict[str, Any] = {"rank": rank, "initial": [t.clone() for t in replica], "counter": int(counter)}
     totals = [torch.zeros_like(t, dtype=torch.float64) for t in replica]
-    gen = torch.Generator().manual_seed(rank)
+    gen = torch.Generator().manual_seed(int(os.environ["NODE_RANK"]) if nodes is not None else rank)
     history = []
     sync_steps, sync_every, proposals = [], [], []
     step = 0
@@ -310,6 +316,8 @@ def scenario_engine(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
                 before = t.double().clone()
                 t.add_(change.to(t.dtype))
                 total.add_(t.double() - before)  # what the rank really changed, after its own rounding
+            if args.get("stop_from_rank") == rank and step == 2:
+                engine.request_stop()
             if args.get("extra_step_on_rank1") and rank == 1 and step == 2:
                 engine.on_optimizer_step(99)
             if step_sleep_s:
@@ -340,6 +348,8 @@ def scenario_engine(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
         sync_every=sync_every,
         proposals=proposals,
         state=engine.state_dict(),
+        stats=engine.stats.to_dict(),
+        stop_requested=int(engine.stop_requested),
     )
     return out
 

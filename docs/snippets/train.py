@@ -28,13 +28,15 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--num-nodes", type=int, default=1)
     parser.add_argument("--devices", type=int, default=1)
+    # "node": synchronous (DDP) inside a node, HPSGD across nodes; for nodes with several GPUs.
+    parser.add_argument("--hierarchy", choices=["node"], default=None)
     args = parser.parse_args()
     x = torch.randn(512, 8)
     data = DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=32)
     # Under SLURM, no auto-requeue: it would save a checkpoint from a signal handler (see the FAQ).
     plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
     trainer = L.Trainer(
-        strategy=HPSGDStrategy(sync_every=4),
+        strategy=HPSGDStrategy(sync_every=4, hierarchy=args.hierarchy),
         plugins=plugins,
         accelerator="auto",
         num_nodes=args.num_nodes,
@@ -43,7 +45,12 @@ if __name__ == "__main__":
         logger=False,
         enable_checkpointing=False,
     )
-    trainer.fit(Regressor(), data)
+    model = Regressor()
+    trainer.fit(model, data)
     if trainer.is_global_zero:
-        rounds = trainer.strategy.stats.rounds
-        print(f"trained on {trainer.world_size} processes, {trainer.num_nodes} nodes, {rounds} rounds")
+        stats = trainer.strategy.stats
+        model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        print(
+            f"trained on {trainer.world_size} processes, {trainer.num_nodes} nodes, {stats.rounds} rounds;"
+            f" each rank sent {stats.bytes_per_round} of the model's {model_bytes} bytes per round"
+        )

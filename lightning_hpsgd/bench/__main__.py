@@ -49,7 +49,11 @@ def compare_main(args: Sequence[str]) -> None:
         " 'overlap' (the engine alone), 'monitor' (HPSGDMonitor's cost), 'gpu' (CUDA/NCCL) and 'convergence'"
         " (accuracy at equal steps, 2 to 8 workers); each has its own --help.",
     )
-    parser.add_argument("--workers", type=int, default=defaults.workers, help="worker processes, one per namespace")
+    parser.add_argument("--workers", type=int, default=defaults.workers, help="worker processes (default %(default)s)")
+    parser.add_argument("--nodes", type=int, help="simulated nodes, one namespace each, with workers / nodes"
+                        " workers inside (unthrottled) and throttled links between them (default: one worker per"
+                        " node); compare hpsgd_node and hpsgd_node_h4 (hierarchy='node') with the flat"
+                        " strategies")  # fmt: skip
     parser.add_argument("--comm-ratio", type=float, default=defaults.comm_ratio,
                         help="calibrate the link so one all-reduce of the model takes this many steps of compute"
                         " (default %(default)s)")  # fmt: skip
@@ -69,6 +73,7 @@ def compare_main(args: Sequence[str]) -> None:
     options = parser.parse_args(args)
     values = {
         "workers": options.workers,
+        "nodes": options.nodes,
         "comm_ratio": options.comm_ratio,
         "link_mbit": options.link_mbit,
         "strategies": tuple(options.strategies),

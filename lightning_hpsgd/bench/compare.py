@@ -2,7 +2,8 @@
 
 ``python -m lightning_hpsgd.bench [--comm-ratio X] [--workers N] [--quick] [--out DIR]``:
 
-1. **Link.** One network namespace per worker, joined by rate-limited veth links ([`.netns`][]). Without root or
+1. **Link.** One network namespace per worker (or per simulated node with ``--nodes``: its workers talk inside it
+   at full speed), joined by rate-limited veth links ([`.netns`][]). Without root or
    iproute2 it falls back to loopback and says so, loudly, in the report.
 2. **Calibration.** At full speed it measures one training step's compute time and one all-reduce of the model.
    It then sets the link speed so that one all-reduce takes ``comm_ratio`` times one step of compute (two
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_hpsgd.bench.netns import NetnsUnavailable, SlowLink
-from lightning_hpsgd.bench.worker import STRATEGIES
+from lightning_hpsgd.bench.worker import DEFAULT_STRATEGIES, STRATEGIES
 
 FULL_SPEED_MBIT = 10_000.0
 DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "NODE_RANK", "LOCAL_RANK", "GROUP_RANK",
@@ -53,6 +54,9 @@ class BenchConfig:
     """What one benchmark run measures. Times are seconds, speeds Mbit/s."""
 
     workers: int = 2
+    # Simulated nodes: workers / nodes workers share one namespace (a node), and only the links between nodes are
+    # throttled. Default: one worker per node.
+    nodes: int | None = None
     comm_ratio: float = 1.0
     link_mbit: float | None = None  # fixes the link speed instead of calibrating it
     # MNIST1DClassifier width. The recipe has 64 (41k parameters); 128 (155k) keeps one all-reduce over the
@@ -62,12 +66,22 @@ class BenchConfig:
     steps: int = 600
     val_every: int = 100
     repeats: int = 3
-    strategies: tuple[str, ...] = STRATEGIES
+    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
     time_budget_s: float | None = None
     data_dir: str = "data/mnist1d"
     out: str = "bench_results"
     loopback: bool = False  # skip the namespaces (no throttling), for machines without root
     run_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.nodes is None:
+            self.nodes = self.workers
+        if self.nodes < 1 or self.workers % self.nodes:
+            raise ValueError(f"--nodes must divide --workers ({self.workers}); received {self.nodes}.")
+
+    @property
+    def per_node(self) -> int:
+        return self.workers // (self.nodes or self.workers)
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
@@ -110,7 +124,7 @@ class Runner:
             log = self.workdir / f"{tag}-w{i}.log"
             full = {**spec, "rank": i, "workers": self.config.workers, "out": str(out),
                     "data_dir": str(Path(self.config.data_dir).resolve()), "batch_size": self.config.batch_size,
-                    "channels": self.config.channels}  # fmt: skip
+                    "channels": self.config.channels, "nodes": self.config.nodes}  # fmt: skip
             env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV and not k.startswith("SLURM_")}
             env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
             if distributed:
@@ -119,11 +133,11 @@ class Runner:
                     MASTER_PORT=str(port),
                     WORLD_SIZE=str(self.config.workers),
                     RANK=str(i),
-                    NODE_RANK=str(i),
-                    LOCAL_RANK="0",
+                    NODE_RANK=str(i // self.config.per_node),
+                    LOCAL_RANK=str(i % self.config.per_node),
                     GLOO_SOCKET_IFNAME="eth0" if self.link else "lo",
                 )
-            prefix = self.link.exec_prefix(i) if self.link else []
+            prefix = self.link.exec_prefix(i // self.config.per_node) if self.link else []
             cmd = [*prefix, sys.executable, "-m", "lightning_hpsgd.bench.worker", json.dumps(full)]
             handle = open(log, "w")
             procs.append(subprocess.Popen(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT))
@@ -238,7 +252,7 @@ def run_benchmark(config: BenchConfig, log: Any = print) -> dict[str, Any]:
         link_cm: Any = None
         if not config.loopback:
             try:
-                link_cm = SlowLink(config.workers, FULL_SPEED_MBIT).__enter__()
+                link_cm = SlowLink(config.nodes, FULL_SPEED_MBIT).__enter__()
             except NetnsUnavailable as err:
                 warning = f"NO THROTTLED LINK: {err} The workers talked over loopback at full speed."
         else:
@@ -339,7 +353,9 @@ def summarize(config: BenchConfig, link: Link, equal_steps: dict, equal_time: di
     ratios = {}
     for num, den in (("hpsgd", "ddp"), ("hpsgd", "compute-only"), ("hpsgd_h4", "compute-only"),
                      ("hpsgd_auto", "compute-only"), ("hpsgd_auto", "hpsgd_h4"), ("hpsgd", "localsgd"),
-                     ("hpsgd_stale", "hpsgd"), ("ddp", "compute-only")):  # fmt: skip
+                     ("hpsgd_stale", "hpsgd"), ("ddp", "compute-only"), ("hpsgd_node", "hpsgd"),
+                     ("hpsgd_node_h4", "hpsgd_h4"), ("hpsgd_node", "ddp"),
+                     ("hpsgd_node_h4", "compute-only")):  # fmt: skip
         if num in strategies and den in strategies:
             ratios[f"{num}/{den}"] = strategies[num]["step_time_s"]["median"] / strategies[den]["step_time_s"]["median"]
     param_bytes = link.param_bytes
@@ -348,6 +364,7 @@ def summarize(config: BenchConfig, link: Link, equal_steps: dict, equal_time: di
         "param_count": param_bytes // 4,
         "param_bytes": param_bytes,
         "workers": config.workers,
+        "nodes": config.nodes,
         "link": link.kind,
         "link_mbit": link.mbit if link.mbit is not None else float("nan"),
         "allreduce_s": link.allreduce_s,
@@ -381,7 +398,8 @@ def _describe_link(link: Link, config: BenchConfig) -> str:
         return (f"link: loopback (not throttled); one step {1000 * link.step_compute_s:.2f} ms of compute, one"
                 f" all-reduce {1000 * link.allreduce_s:.2f} ms")  # fmt: skip
     ratio = link.allreduce_s / link.step_compute_s
-    return (f"link: {link.mbit:.1f} Mbit/s per worker (network namespaces + tbf); one step"
+    per = "worker" if config.per_node == 1 else f"node ({config.per_node} workers inside, not throttled)"
+    return (f"link: {link.mbit:.1f} Mbit/s per {per} (network namespaces + tbf); one step"
             f" {1000 * link.step_compute_s:.2f} ms of compute, one all-reduce {1000 * link.allreduce_s:.2f} ms"
             f" (ratio {ratio:.2f}, asked {config.comm_ratio})")  # fmt: skip
 
@@ -390,12 +408,21 @@ def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
+def _workers(report: dict[str, Any]) -> str:
+    nodes = report.get("nodes") or report["workers"]
+    if nodes == report["workers"]:
+        return f"{report['workers']} workers"
+    return f"{report['workers']} workers on {nodes} nodes of {report['workers'] // nodes}"
+
+
 def markdown(report: dict[str, Any]) -> str:
     """``bench.md``: the table, the ratios, the targets and the link."""
-    lines = [f"# HPSGD benchmark: {report['model']}, {report['workers']} workers", ""]
+    lines = [f"# HPSGD benchmark: {report['model']}, {_workers(report)}", ""]
     if report["warning"]:
         lines += [f"> **WARNING: {report['warning']}**", ""]
-    link = (f"{report['link_mbit']:.1f} Mbit/s per worker (network namespaces, tbf)" if report["link"] == "netns"
+    nodes = report.get("nodes") or report["workers"]
+    per = "worker" if nodes == report["workers"] else "node (not throttled inside a node)"
+    link = (f"{report['link_mbit']:.1f} Mbit/s per {per} (network namespaces, tbf)" if report["link"] == "netns"
             else "loopback, not throttled")  # fmt: skip
     lines += [
         f"- Link: {link}. One all-reduce of the model ({report['param_bytes'] / 1e6:.2f} MB):"
@@ -461,7 +488,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     curves.set_ylabel("validation accuracy")
     curves.set_title("Accuracy against wall time (equal-steps runs)")
     curves.legend(fontsize=8)
-    fig.suptitle(f"{report['model']}, {report['workers']} workers, comm/compute {report['measured_comm_ratio']:.2f}")
+    fig.suptitle(f"{report['model']}, {_workers(report)}, comm/compute {report['measured_comm_ratio']:.2f}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,9 +1,10 @@
 """One worker of a benchmark run: ``python -m lightning_hpsgd.bench.worker SPEC_JSON``.
 
-The orchestrator ([`lightning_hpsgd.bench.compare`][]) starts one per network namespace, as a Lightning "node"
-(``num_nodes=N``, ``devices=1``, with ``MASTER_ADDR``, ``NODE_RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` set), so gloo
-traffic crosses the throttled link. ``compute-only`` workers train at the same time with no process group at all.
-Each writes its measurements to ``SPEC["out"]`` as JSON.
+The orchestrator ([`lightning_hpsgd.bench.compare`][]) starts ``workers / nodes`` of them in each network namespace,
+as the devices of a Lightning node (``num_nodes``, ``devices``, with ``MASTER_ADDR``, ``NODE_RANK``, ``WORLD_SIZE``
+and ``LOCAL_RANK`` set), so gloo traffic between nodes crosses the throttled link and traffic inside a node does
+not. ``compute-only`` workers train at the same time with no process group at all. Each writes its measurements
+to ``SPEC["out"]`` as JSON.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from typing import Any
 
 import torch
 
-STRATEGIES = ("ddp", "localsgd", "hpsgd", "hpsgd_h4", "hpsgd_auto", "hpsgd_stale", "compute-only")
+# What a plain run compares; the "_node" strategies (hierarchy="node") are for runs with several workers per node.
+DEFAULT_STRATEGIES = ("ddp", "localsgd", "hpsgd", "hpsgd_h4", "hpsgd_auto", "hpsgd_stale", "compute-only")
+STRATEGIES = (*DEFAULT_STRATEGIES, "hpsgd_node", "hpsgd_node_h4")
 
 
 def make_strategy(name: str, timeout_s: float, monitor: bool = False) -> Any:
@@ -37,7 +40,8 @@ def make_strategy(name: str, timeout_s: float, monitor: bool = False) -> Any:
         return PostLocalSGDStrategy(model_averaging_period=4, warmup_steps=8, process_group_backend="gloo",
                                     timeout=timeout)  # fmt: skip
     hpsgd = {"hpsgd": {}, "hpsgd_h4": {"sync_every": 4}, "hpsgd_auto": {"sync_every": "auto"},
-             "hpsgd_stale": {"merge": "stale"}}  # fmt: skip
+             "hpsgd_stale": {"merge": "stale"}, "hpsgd_node": {"hierarchy": "node"},
+             "hpsgd_node_h4": {"hierarchy": "node", "sync_every": 4}}  # fmt: skip
     if name in hpsgd:
         return HPSGDStrategy(process_group_backend="gloo", timeout=timeout, monitor=monitor, **hpsgd[name])
     if name == "compute-only":
@@ -125,8 +129,8 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
     val_every = spec.get("val_every")
     trainer = L.Trainer(
         accelerator="cpu",
-        devices=1,
-        num_nodes=spec["workers"] if distributed else 1,
+        devices=spec["workers"] // spec.get("nodes", spec["workers"]) if distributed else 1,
+        num_nodes=spec.get("nodes", spec["workers"]) if distributed else 1,
         strategy=make_strategy(spec["strategy"], spec.get("timeout_s", 120), monitor=spec.get("monitor", False)),
         max_steps=spec["max_steps"],
         max_time={"seconds": spec["max_time_s"]} if spec.get("max_time_s") else None,
@@ -187,7 +191,8 @@ def calibrate(spec: dict[str, Any]) -> dict[str, Any]:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    out: dict[str, Any] = {"rank": int(os.environ.get("NODE_RANK", 0))}
+    # The network namespace it ran in: workers of one simulated node share one.
+    out: dict[str, Any] = {"rank": int(os.environ.get("RANK", 0)), "netns": os.readlink("/proc/self/ns/net")}
     model = build_model(spec)
     numel = sum(p.numel() for p in model.parameters())
     out["param_bytes"] = numel * 4
