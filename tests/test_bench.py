@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -23,8 +24,11 @@ CAN_MAKE_NAMESPACES = os.geteuid() == 0 and shutil.which("ip") is not None and s
 
 
 def namespaces_of(pid: int) -> list[str]:
+    """The namespaces of the benchmark process ``pid``: exactly ``hpsgdb<pid>h`` and ``hpsgdb<pid>w<i>`` (a prefix
+    match would also take those of a process whose PID starts with the same digits, run by another test)."""
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith(f"hpsgdb{pid}")]
+    names = [line.split()[0] for line in out.splitlines() if line.strip()]
+    return [name for name in names if re.fullmatch(rf"hpsgdb{pid}[hw]\d*", name)]
 
 
 def rank_result(step_times, wait=None, val_acc=0.5, steps=30, train_seconds=1.0):
