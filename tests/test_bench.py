@@ -118,7 +118,10 @@ def test_quick_run_reports_every_strategy_with_ratios_from_the_raw_timings(tmp_p
 def test_namespaces_are_removed_when_the_run_is_stopped(tmp_path):
     cmd = [sys.executable, "-m", "lightning_hpsgd.bench", "--quick", "--channels", "4",
            "--out", str(tmp_path / "report"), "--data-dir", str(tmp_path / "mnist1d")]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Ctrl-C in a terminal: SIGINT at its default disposition. (A suite started as a background job of a
+    # non-interactive shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while not namespaces_of(proc.pid):
