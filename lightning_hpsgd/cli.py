@@ -21,7 +21,8 @@ import yaml
 from lightning.pytorch.cli import LightningCLI
 
 import lightning_hpsgd  # noqa: F401  (registers the strategy names before the Trainer is built)
-from lightning_hpsgd.engine import HPSGDError, validate_options
+from lightning_hpsgd.errors import HPSGDError
+from lightning_hpsgd.options import validate_options
 from lightning_hpsgd.strategy import REGISTERED_NAMES
 from lightning_hpsgd.wandb import dashboard_main, offline_unless_logged_in
 

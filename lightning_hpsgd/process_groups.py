@@ -14,7 +14,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from lightning_hpsgd.engine import NodeGroups
+from lightning_hpsgd.wire import NodeGroups
 
 log = logging.getLogger(__name__)
 

@@ -44,18 +44,31 @@ def test_a_flush_right_after_a_flush_never_moves_the_model_under_outer_momentum(
     assert not torch.allclose(plain[0].result["final"][0], results[0].result["final"][0], atol=1e-4)
 
 
-def test_auto_ranks_agree_on_every_round_boundary_and_take_the_largest_proposal(tmp_path):
-    """Three ranks with different compute times propose different H; every rank uses the largest, from the same
-    step. Rank 0 computes almost nothing, so it asks for more than the others."""
+def test_auto_ranks_agree_on_every_round_boundary_from_the_figures_every_rank_sent(tmp_path):
+    """Three ranks with different compute times send different step and comm times; every rank sets the same H
+    from the same step, decided from all the figures (the smallest comm over the largest step time)."""
+    from lightning_hpsgd import side_channel
+    from lightning_hpsgd.schedule import agreed_sync_every
+
     args = {"steps": 40, "rows": 20000, "step_sleep_s": [0.0, 0.001, 0.004],
             "engine_args": {"sync_every": "auto", "max_sync_every": 6}}  # fmt: skip
     results = run_ranks("engine", tmp_path, args, world_size=3)
     hs = assert_agreed_boundaries(results)
-    # The round launched at sync point k carries each rank's proposal; its merge at sync point k + 1 sets H.
+    # The round launched at sync point k carries each rank's figures; its merge at sync point k + 1 sets H.
     sent = [r.result["proposals"] for r in results]
-    assert hs[1:] == [min(max(p[k] for p in sent), 6) for k in range(len(hs) - 1)], (hs, sent)
-    assert any(len({p[k] for p in sent}) > 1 for k in range(len(hs))), "the ranks never proposed different H"
-    assert hs[0] == 1 and max(hs) > 1 and max(hs) <= 6, hs
+    expected, h = [], 1
+    for k in range(len(hs) - 1):
+        meta = torch.zeros(side_channel.size(3), dtype=torch.int64)
+        for rank, figures in enumerate(sent):
+            one = torch.zeros_like(meta)
+            side_channel.encode(one, rank, step=1, is_flush=False, non_finite=torch.tensor(False),
+                                stop=side_channel.StopRequest(0), step_seconds=figures[k][0],
+                                comm_seconds=figures[k][1])  # fmt: skip
+            meta += one
+        h = agreed_sync_every(side_channel.decode(meta.tolist()), h, 6)
+        expected.append(h)
+    assert hs[1:] == expected, (hs, sent)
+    assert hs[0] == 1 and max(hs) <= 6, hs
     assert_conserved(results, atol=1e-6)
     assert results[0].result["state"]["sync_every"]["current"] == hs[-1]
 

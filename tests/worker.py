@@ -70,7 +70,7 @@ class Recorder(Callback):
         self.record["flushes"] = engine.stats.flushes
         self.record["pending_at_end"] = engine.pending is not None
         self.record["global_dtype"] = engine.global_.dtype
-        self.record["wire_dtype"] = engine._wire.dtype
+        self.record["wire_dtype"] = engine.comm_dtype
         self.record["param_dtypes"] = {n: p.dtype for n, p in pl_module.named_parameters()}
 
 
@@ -325,7 +325,8 @@ def scenario_engine(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
             if engine.on_optimizer_step(step):
                 sync_steps.append(step)
                 sync_every.append(engine.sync_every)
-                proposals.append(engine._proposal())  # what this rank's round just launched carries
+                # What this rank's round just launched carries in the side channel: its step and comm times.
+                proposals.append((engine.schedule.step_seconds, engine.schedule.comm_seconds))
             history.append([t.clone() for t in replica])
             if args.get("reenter_at_step") == step:
                 with engine._exclusive("sync point"):  # as if a signal handler interrupted a sync point

@@ -1,0 +1,105 @@
+"""The options of the rule and their checks: one ``ValueError`` naming the accepted values for each bad one."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "COMM_DTYPES",
+    "DEFAULT_MAX_SYNC_EVERY",
+    "HIERARCHIES",
+    "MERGE_MODES",
+    "MergeMode",
+    "SyncEvery",
+    "resolve_comm_dtype",
+    "validate_options",
+]
+
+MergeMode = Literal["replica", "stale"]
+MERGE_MODES: tuple[str, ...] = ("replica", "stale")
+SyncEvery = int | Literal["auto"]
+HIERARCHIES: tuple[str | None, ...] = (None, "node")
+DEFAULT_MAX_SYNC_EVERY = 32
+COMM_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def resolve_comm_dtype(comm_dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """Turn the ``comm_dtype`` option into a dtype, or raise a ``ValueError`` naming the accepted values.
+
+    Args:
+        comm_dtype: ``None`` (full precision), ``torch.bfloat16`` / ``torch.float16`` / ``torch.float32``, or one
+            of the strings ``"bf16"``, ``"bfloat16"``, ``"fp16"``, ``"float16"``, ``"half"``, ``"fp32"``,
+            ``"float32"`` (also with a ``"torch."`` prefix). A wire dtype at least as wide as ``G`` means no
+            compression.
+    """
+    if comm_dtype is None:
+        return None
+    if isinstance(comm_dtype, torch.dtype) and comm_dtype in COMM_DTYPES.values():
+        return comm_dtype
+    if isinstance(comm_dtype, str):
+        key = comm_dtype.lower().removeprefix("torch.")
+        if key in COMM_DTYPES:
+            return COMM_DTYPES[key]
+        if key in ("none", "null"):
+            return None
+    raise ValueError(
+        "comm_dtype must be None (full precision), torch.bfloat16, torch.float16 or torch.float32 (or one of the"
+        f" strings {sorted(COMM_DTYPES)}); received {comm_dtype!r}."
+    )
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_options(
+    sync_every: object,
+    merge: object,
+    *,
+    max_sync_every: object = DEFAULT_MAX_SYNC_EVERY,
+    outer_lr: object = 1.0,
+    outer_momentum: object = 0.0,
+    outer_nesterov: object = True,
+    hierarchy: object = None,
+) -> None:
+    """Raise a ``ValueError`` naming the accepted values if an option of the rule is invalid."""
+    if not (_is_count(sync_every) or sync_every == "auto"):
+        raise ValueError(
+            "sync_every must be an integer >= 1 (optimizer steps per round) or 'auto' (chosen from the measured"
+            f" communication and compute times); received {sync_every!r}."
+        )
+    if merge not in MERGE_MODES:
+        raise ValueError(f"merge must be one of {list(MERGE_MODES)}; received {merge!r}.")
+    if not _is_count(max_sync_every) or max_sync_every >= 1 << 20:
+        raise ValueError(
+            f"max_sync_every must be an integer from 1 to {(1 << 20) - 1} (the largest H 'auto' may choose);"
+            f" received {max_sync_every!r}."
+        )
+    if not _is_real(outer_lr) or not 0 < outer_lr < float("inf"):
+        raise ValueError(f"outer_lr must be a finite number > 0 (1.0: plain HPSGD); received {outer_lr!r}.")
+    if not _is_real(outer_momentum) or not 0 <= outer_momentum < 1:
+        raise ValueError(
+            f"outer_momentum must be a number in [0, 1) (0.0: no momentum; 0.9 amplifies a steady step up to 10 x);"
+            f" received {outer_momentum!r}."
+        )
+    if not isinstance(outer_nesterov, bool):
+        raise ValueError(f"outer_nesterov must be True or False; received {outer_nesterov!r}.")
+    if hierarchy not in HIERARCHIES:
+        raise ValueError(
+            f"hierarchy must be None (flat HPSGD: every rank a worker) or 'node' (synchronous inside a node, HPSGD"
+            f" across nodes); received {hierarchy!r}."
+        )

@@ -1,0 +1,107 @@
+"""When rounds end: every ``H`` steps, or with ``sync_every="auto"`` an ``H`` the ranks agree on from what they
+measure. No communication here: the figures travel in the side channel ([`lightning_hpsgd.side_channel`][])."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from lightning_hpsgd.options import SyncEvery
+from lightning_hpsgd.side_channel import Slot
+
+__all__ = ["AUTO_MARGIN", "Schedule", "agreed_sync_every"]
+
+# "auto" chooses the smallest H with comm <= H x step / AUTO_MARGIN, from moving averages of both.
+AUTO_MARGIN = 1.25
+_SMOOTHING = 0.3
+
+
+def agreed_sync_every(slots: Sequence[Slot], current: int, max_sync_every: int) -> int:
+    """``"auto"``: the smallest ``H`` whose ``H`` steps of the slowest rank's compute hide one all-reduce.
+
+    The all-reduce's own cost is the *smallest* communication time any rank measured: a rank that launched early
+    measures its wait for the last rank to launch on top of the link (a fast rank waiting for a slow one), and no
+    rank can measure less than the link, since the all-reduce completes only after the last launch. Compute is the
+    *largest* step time: the slowest rank must hide the link too. Every rank decides from the same slots, so all
+    agree. ``current`` stays until every rank has measured both.
+    """
+    comms = [s.comm_seconds for s in slots if s.comm_seconds > 0]
+    steps = [s.step_seconds for s in slots if s.step_seconds > 0]
+    if len(comms) < len(slots) or len(steps) < len(slots):
+        return current
+    wanted = math.ceil(AUTO_MARGIN * min(comms) / max(steps))
+    return min(max(wanted, 1), max_sync_every)
+
+
+class Schedule:
+    """The steps at which rounds end, and (for ``"auto"``) this rank's moving averages of step and comm times.
+
+    Args:
+        sync_every: ``H``, or ``"auto"`` (start at 1; follow [`agreed_sync_every`][] at every merge).
+        max_sync_every: the largest ``H`` that ``"auto"`` may choose.
+        clock: seconds, monotonic (a fake clock in tests).
+    """
+
+    def __init__(
+        self, sync_every: SyncEvery, max_sync_every: int, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
+        self.auto = sync_every == "auto"
+        self.sync_every: int = 1 if self.auto else int(sync_every)
+        self.max_sync_every = max_sync_every
+        self.next_sync: int | None = None  # "auto": the step at or after which the current round ends
+        self.step_seconds: float | None = None
+        self.comm_seconds: float | None = None
+        self._clock = clock
+        self._round_started: float | None = None
+        self._round_steps = 0
+        self._last_step: int | None = None
+
+    def count(self, step: int) -> bool:
+        """Record step ``step`` (1-based; numbers may jump) and say whether the round ends at it."""
+        previous = step - 1 if self._last_step is None else self._last_step
+        self._last_step = step
+        self._round_steps += 1
+        if not self.auto:
+            return step // self.sync_every > previous // self.sync_every
+        if self.next_sync is None:
+            self.next_sync = (previous // self.sync_every + 1) * self.sync_every
+        return step >= self.next_sync
+
+    def end_round(self) -> None:
+        """At a sync point, before its merge: the compute time per step of the round that ends (wait excluded)."""
+        if self._round_started is not None and self._round_steps > 0:
+            per_step = (self._clock() - self._round_started) / self._round_steps
+            self.step_seconds = _smooth(self.step_seconds, per_step)
+        self._round_steps = 0
+
+    def start_round(self, step: int | None) -> None:
+        """After a sync point (``step``) or a flush (``None``: the time to the next sync point is not compute)."""
+        self._round_started = None if step is None else self._clock()
+        if step is not None and self.auto:
+            self.next_sync = step + self.sync_every  # H as agreed at this sync point's merge
+
+    def record_comm(self, seconds: float) -> None:
+        """A round's time from launch to completion, on this rank."""
+        self.comm_seconds = _smooth(self.comm_seconds, seconds)
+
+    def agree(self, slots: Sequence[Slot]) -> int:
+        """Set ``H`` from a merged round's slots (``"auto"``; a fixed ``H`` stays). Returns the new ``H``."""
+        if self.auto:
+            self.sync_every = agreed_sync_every(slots, self.sync_every, self.max_sync_every)
+        return self.sync_every
+
+    def state_dict(self) -> dict[str, Any]:
+        """``"auto"``: the current ``H`` and the step that ends the current round (empty for a fixed ``H``)."""
+        return {"current": self.sync_every, "next_sync": self.next_sync} if self.auto else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore [`state_dict`][] output."""
+        if self.auto and state:
+            self.sync_every = min(int(state["current"]), self.max_sync_every)
+            self.next_sync = state["next_sync"]
+
+
+def _smooth(average: float | None, value: float) -> float:
+    return value if average is None else average + _SMOOTHING * (value - average)

@@ -1,0 +1,80 @@
+"""What the engine measured, as plain counters a logger can read."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["EngineStats"]
+
+
+@dataclass
+class EngineStats:
+    """What the engine measured; the figures grow over a run.
+
+    Attributes:
+        rounds: all-reduces merged (sync points and flushes).
+        flushes: blocking all-reduces run by ``flush``.
+        overlapped_rounds: rounds merged at a sync point, i.e. launched at one sync point and merged at the next.
+        timed_rounds: overlapped rounds whose wait and communication times are in the sums below. On CUDA the
+            times are read from events once they have completed, so this may trail ``overlapped_rounds`` by a
+            round or two; on CPU it equals it.
+        wait_seconds: seconds that training waited at sync points for the pending all-reduce (host time with
+            gloo; on CUDA, the time the compute stream stalled on the communication stream).
+        comm_seconds: seconds from each launch to the completion of the all-reduce (gloo: the backend's completion
+            callback; NCCL: events on the communication stream around the all-reduce and the stream's wait for it).
+        staleness_steps: optimizer steps between each launch and its merge.
+        last_wait_seconds, last_comm_seconds: the same, for the latest timed round.
+        last_staleness_steps: the same, for the latest overlapped round.
+        last_drift: ``‖R − G‖ / ‖G‖`` just before the merge, at the latest sync point that measured it (see
+            [`HPSGDEngine.request_drift`][lightning_hpsgd.engine.HPSGDEngine.request_drift]), or ``None``. A 0-d
+            tensor on the engine's device, so reading it is the only host sync it costs.
+        bytes_per_round: payload bytes one rank puts on the HPSGD all-reduce per round (with
+            ``hierarchy="node"``: its ``1/L`` share of the model, on the group across nodes).
+        bytes_sent: the payload bytes of every all-reduce this rank launched, summed (the side channel excluded).
+        promoted: frozen tensors found changed at a flush, and averaged in every round since.
+        sync_every: ``H`` of the current round (with ``sync_every="auto"``, the latest agreed value).
+    """
+
+    rounds: int = 0
+    flushes: int = 0
+    overlapped_rounds: int = 0
+    timed_rounds: int = 0
+    wait_seconds: float = 0.0
+    comm_seconds: float = 0.0
+    staleness_steps: int = 0
+    last_wait_seconds: float = 0.0
+    last_comm_seconds: float = 0.0
+    last_staleness_steps: int = 0
+    last_drift: Tensor | None = None
+    bytes_per_round: int = 0
+    bytes_sent: int = 0
+    promoted: int = 0
+    sync_every: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The counters as plain Python values (``last_drift`` as a float or ``None``)."""
+        out = asdict(self)
+        out["last_drift"] = None if self.last_drift is None else float(self.last_drift)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> EngineStats:
+        """The inverse of [`to_dict`][lightning_hpsgd.stats.EngineStats.to_dict]; unknown keys are ignored."""
+        known = {f.name for f in fields(cls)}
+        stats = cls(**{k: v for k, v in values.items() if k in known})
+        if stats.last_drift is not None:
+            stats.last_drift = torch.tensor(float(stats.last_drift))
+        return stats
+
+    def add_timing(self, wait_seconds: float, comm_seconds: float) -> None:
+        """Count one timed round."""
+        self.timed_rounds += 1
+        self.last_wait_seconds = wait_seconds
+        self.last_comm_seconds = comm_seconds
+        self.wait_seconds += wait_seconds
+        self.comm_seconds += comm_seconds
