@@ -58,6 +58,7 @@ from lightning_hpsgd.engine import (
     validate_options,
 )
 from lightning_hpsgd.monitor import HPSGDMonitor
+from lightning_hpsgd.refusals import reject_sharded_optimizers, reject_unsupported_model
 
 log = logging.getLogger(__name__)
 
@@ -259,9 +260,9 @@ class HPSGDStrategy(DDPStrategy):
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if fitting:
-            _reject_wrapped_modules(self.model)
+            reject_unsupported_model(self.model)
             self.setup_optimizers(trainer)
-            _reject_sharded_optimizers(self.optimizers)
+            reject_sharded_optimizers(self.optimizers)
             self._start_engine(trainer)
             self._wrap_for_the_node()
         else:
@@ -580,26 +581,3 @@ def _tensors(model: Module) -> Iterator[Tensor]:
 
 def _unwrap(optimizer: Optimizer) -> Optimizer:
     return optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
-
-
-def _reject_wrapped_modules(model: Module) -> None:
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    for name, module in model.named_modules():
-        if isinstance(module, (DistributedDataParallel, FullyShardedDataParallel)):
-            raise ValueError(
-                f"HPSGD: submodule {name or '(root)'!r} is already wrapped in {type(module).__name__}. HPSGD replaces"
-                " DDP's gradient all-reduce with its own model averaging, so the module must not be wrapped: use the"
-                " plain module and let `strategy='hpsgd'` handle communication."
-            )
-
-
-def _reject_sharded_optimizers(optimizers: list[Optimizer]) -> None:
-    for optimizer in optimizers:
-        optimizer = _unwrap(optimizer)
-        if hasattr(optimizer, "consolidate_state_dict") or type(optimizer).__name__ == "PostLocalSGDOptimizer":
-            raise ValueError(
-                f"HPSGD: optimizer {type(optimizer).__name__} shards or averages state across ranks, but under HPSGD"
-                " each rank's optimizer state is local and must be complete. Use a plain optimizer (for example"
-                " torch.optim.SGD or AdamW)."
-            )
