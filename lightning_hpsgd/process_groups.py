@@ -93,3 +93,24 @@ def node_groups(node_rank: int, backend: str | None, timeout: timedelta | None) 
     rank = dist.get_rank()
     local_rank = next(ranks.index(rank) for ranks in nodes if rank in ranks)
     return NodeGroups(node_group, across_group, local_rank, local_size, len(nodes))
+
+
+class RunGroups:
+    """The groups of one HPSGD run: its rounds', a gloo group for pickled objects (with NCCL), and the node groups.
+
+    Args:
+        backend: the rounds' backend (``"gloo"`` or ``"nccl"``).
+        timeout: every group's timeout.
+        node_rank: with ``hierarchy="node"``, this rank's node index; ``None`` for flat HPSGD.
+    """
+
+    def __init__(self, backend: str | None, timeout: timedelta | None, node_rank: int | None) -> None:
+        self.rounds = new_group(backend, timeout)
+        # Checkpoint state is gathered as pickled CPU objects: over gloo, never through rank 0's GPU memory.
+        self.objects = new_group("gloo", timeout) if backend != "gloo" else None
+        self.nodes = node_groups(node_rank, backend, timeout) if node_rank is not None else None
+
+    def forget(self) -> None:
+        """After an error: leave every group (and the default one) to the OS; see [`forget`][]."""
+        nodes = self.nodes
+        forget(self.rounds, self.objects, *((nodes.node, nodes.across) if nodes is not None else ()))
