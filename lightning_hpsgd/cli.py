@@ -130,10 +130,26 @@ _CHECKED_OPTIONS = (
 )
 
 
-def _parse_value(value: str) -> Any:
-    """A command-line value as jsonargparse reads it: YAML (``4`` an int, ``0.9`` a float, ``true`` a bool)."""
+def _jsonargparse_load(text: str) -> Any:
+    """``text`` (a command-line value or a ``--config`` file) read by the YAML loader LightningCLI parses with.
+
+    That is jsonargparse's loader, not ``yaml.safe_load``: PyYAML follows YAML 1.1, where a float needs a dot, so it
+    reads ``1e-3`` as the string ``'1e-3'``; jsonargparse's loader reads a float, as LightningCLI does. Raises
+    ``yaml.YAMLError`` for text that is not YAML.
+    """
     try:
-        return yaml.safe_load(value)
+        from jsonargparse import get_loader  # public in recent jsonargparse
+    except ImportError:  # older releases that pyproject.toml allows (4.27.7, 4.28) keep it in a private module only
+        from jsonargparse._loaders_dumpers import loaders
+
+        return loaders["yaml"](text)
+    return get_loader("yaml")(text)
+
+
+def _parse_value(value: str) -> Any:
+    """A command-line value as jsonargparse reads it (``4`` an int, ``0.9`` and ``1e-3`` floats, ``true`` a bool)."""
+    try:
+        return _jsonargparse_load(value)
     except yaml.YAMLError:
         return value
 
@@ -148,10 +164,8 @@ def _missing_config(path: Path) -> str:
 
 
 def _yaml_strategy(path: Path) -> Any:
-    import yaml
-
     try:
-        loaded = yaml.safe_load(path.read_text())
+        loaded = _jsonargparse_load(path.read_text())
     except (OSError, yaml.YAMLError):
         return None  # LightningCLI reports what is wrong with the file
     trainer = loaded.get("trainer") if isinstance(loaded, dict) else None

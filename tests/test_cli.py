@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lightning_hpsgd import HPSGDStrategy
-from lightning_hpsgd.cli import HPSGDCLI, expand_strategy_names
+from lightning_hpsgd.cli import HPSGDCLI, UsageError, check_command_line, expand_strategy_names
 from lightning_hpsgd.wandb import find_run_files, read_run
 from tests.launch import ROOT, base_env
 
@@ -65,6 +65,56 @@ def test_strategy_options_on_the_command_line(strategy_args):
 def test_yaml_strategy_override_by_dotted_option():
     cli = HPSGDCLI(run=False, args=["--config", MNIST1D, "--trainer.strategy.sync_every", "3"])
     assert cli.trainer.strategy.sync_every == 3 and cli.trainer.strategy.merge == "replica"
+
+
+def recipe_with_strategy_options(tmp_path: Path, **options: str) -> str:
+    """MNIST1D's recipe with its strategy's init_args updated by ``options``, each value as written in the YAML."""
+    recipe = (ROOT / "recipes" / "mnist1d.yaml").read_text()
+    init_args = "      sync_every: 1\n      merge: replica\n"
+    assert init_args in recipe
+    init_args_after = {"sync_every": "1", "merge": "replica", **options}
+    lines = "".join(f"      {key}: {value}\n" for key, value in init_args_after.items())
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe.replace(init_args, lines, 1))
+    return str(path)
+
+
+# PyYAML's YAML 1.1 reads 1e-3 as a string (a float needs a dot); jsonargparse's loader, and so LightningCLI, reads
+# a float. The pre-check must accept what LightningCLI accepts.
+@pytest.mark.parametrize(("text", "value"), [("1e-3", 0.001), ("5e-1", 0.5)])
+@pytest.mark.parametrize("where", ["command-line", "config"])
+def test_outer_lr_in_exponent_notation_passes_the_check_and_reaches_the_strategy_as_a_float(
+    where, text, value, tmp_path
+):
+    if where == "command-line":
+        args = ["--config", MNIST1D, "--trainer.strategy.outer_lr", text]
+    else:
+        args = ["--config", recipe_with_strategy_options(tmp_path, outer_lr=text)]
+    check_command_line(["fit", *args])
+    strategy = HPSGDCLI(run=False, args=args).trainer.strategy
+    assert isinstance(strategy, HPSGDStrategy)
+    assert isinstance(strategy.outer_lr, float) and strategy.outer_lr == value
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("sync_every", "0", "--trainer.strategy.sync_every: sync_every must be an integer >= 1"),
+        ("merge", "bogus", "--trainer.strategy.merge: merge must be one of ['replica', 'stale']; received 'bogus'."),
+        ("outer_lr", "0e0", "--trainer.strategy.outer_lr: outer_lr must be a finite number > 0 (1.0: plain HPSGD);"
+         " received 0.0."),
+    ],
+    ids=["sync_every-0", "merge-bogus", "outer_lr-0e0"],
+)  # fmt: skip
+@pytest.mark.parametrize("where", ["command-line", "config"])
+def test_the_check_still_refuses_bad_strategy_options_in_one_line(where, option, value, message, tmp_path):
+    if where == "command-line":
+        args = ["fit", "--config", MNIST1D, f"--trainer.strategy.{option}", value]
+    else:
+        args = ["fit", "--config", recipe_with_strategy_options(tmp_path, **{option: value})]
+    with pytest.raises(UsageError) as error:
+        check_command_line(args)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value), str(error.value)
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
