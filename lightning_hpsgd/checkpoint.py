@@ -78,10 +78,10 @@ def gather_to_rank0(obj: Any, group: dist.ProcessGroup | None = None) -> list[An
 def mean_of_states(states: Sequence[Any]) -> Any:
     """The element-wise mean of several optimizer state dicts.
 
-    Floating-point tensors, and Python floats that differ (a GradScaler's scale), are averaged; everything else (integer step counters, hyper-parameters, param groups)
-    is taken from the first state that has it. A key missing from some states (a parameter that got no gradient on
-    some rank, so its optimizer never made state for it: an unused branch, an MoE expert) is averaged over the
-    states that have it.
+    Floating-point tensors, and Python floats that differ (a GradScaler's scale), are averaged; everything else
+    (integer step counters, hyper-parameters, param groups) is taken from the first state that has it. A key
+    missing from some states (a parameter that got no gradient on some rank, so its optimizer never made state for
+    it: an unused branch, an MoE expert) is averaged over the states that have it.
     """
     first = states[0]
     if isinstance(first, float) and all(isinstance(s, float) for s in states) and len(set(states)) > 1:

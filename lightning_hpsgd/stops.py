@@ -91,7 +91,7 @@ class StopCoordinator:
         engine.abandon()
         # Every rank speaks here: the exception may have hit any one of them.
         warnings.warn(
-            f"HPSGD (rank {self._rank}): training stopped with {type(exception).__name__} after step"
+            f"HPSGD (rank {self._rank}): training stopped with {type(exception).__name__} after optimizer step"
             f" {self._trainer.global_step}. Replicas were not flushed (a collective after an error can hang), so"
             " local progress since the last flush point is not in the global model. Resume from the last checkpoint.",
             stacklevel=2,
@@ -102,7 +102,7 @@ class StopCoordinator:
         engine = self._engine()
         if engine is not None and engine.stop_requested & StopRequest.ABORT:
             log.warning(
-                f"HPSGD (rank {self._rank}): a rank received SIGTERM; every rank stops after step"
+                f"HPSGD (rank {self._rank}): a rank received SIGTERM; every rank stops after optimizer step"
                 f" {self._trainer.global_step}."
             )
             compat.mark_sigterm(self._trainer)

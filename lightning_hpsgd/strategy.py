@@ -1,23 +1,22 @@
-"""``HPSGDStrategy``: Lightning's lifecycle mapped onto the HPSGD engine.
+"""``HPSGDStrategy``: Lightning's lifecycle mapped onto the HPSGD engine, and nothing more.
 
 * setup → build the engine (broadcast and initialise);
-* before each batch → follow tensors that user code replaced or froze ([`HPSGDEngine.follow`][]);
-* optimizer step → sync point;
+* before each batch → follow tensors that user code replaced or froze
+  ([`HPSGDEngine.follow`][lightning_hpsgd.engine.HPSGDEngine.follow]);
+* the end of a batch that stepped an optimizer → a step of the engine (a sync point every ``sync_every``);
 * validation start, checkpoint, end of fit and teardown → flush;
-* an agreed stop (SIGTERM, time limit) → flush, then Lightning's own stop; any other exception → abandon.
+* an agreed stop (SIGTERM, time limit) → flush, then Lightning's own stop; any other exception → abandon
+  ([`lightning_hpsgd.stops`][]).
 
-The rule lives in [`lightning_hpsgd.engine`][], what Lightning does not expose in [`lightning_hpsgd.compat`][],
-and what a checkpoint holds in [`lightning_hpsgd.checkpoint`][].
+The rule lives in [`lightning_hpsgd.engine`][], which tensors it gets in [`lightning_hpsgd.model_tensors`][], what
+Lightning does not expose in [`lightning_hpsgd.compat`][], what a checkpoint holds in [`lightning_hpsgd.checkpoint`][]
+and what HPSGD refuses in [`lightning_hpsgd.refusals`][].
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from datetime import timedelta
-from itertools import chain
 from typing import Any, Literal
 
 import torch
@@ -26,39 +25,31 @@ from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
-from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import Tensor
-from torch.nn import Module
-from torch.nn.parallel import DistributedDataParallel
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch.nn import Module, SyncBatchNorm
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_hpsgd import compat, process_groups
 from lightning_hpsgd.checkpoint import (
     CHECKPOINT_KEY,
+    SavedEngineState,
+    abandoned_entry,
     gather_per_rank_state,
     restore_per_rank_state,
-    saved_engine_state,
 )
-from lightning_hpsgd.engine import (
-    DEFAULT_MAX_SYNC_EVERY,
-    EngineStats,
-    HPSGDEngine,
-    MergeMode,
-    NodeGroups,
-    StopRequest,
-    resolve_comm_dtype,
-    validate_options,
-)
+from lightning_hpsgd.engine import HPSGDEngine
+from lightning_hpsgd.model_tensors import ModelWatcher, averaged_names, model_tensors, trained_names
 from lightning_hpsgd.monitor import HPSGDMonitor
+from lightning_hpsgd.options import DEFAULT_MAX_SYNC_EVERY, MergeMode, resolve_comm_dtype, validate_options
 from lightning_hpsgd.refusals import reject_sharded_optimizers, reject_unsupported_model
+from lightning_hpsgd.stats import EngineStats
+from lightning_hpsgd.stops import StopCoordinator
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +72,18 @@ class HPSGDStrategy(DDPStrategy):
     own, overlapped with the next steps (see the algorithm page of the documentation).
 
     Every floating-point tensor of the module that changes during training is averaged: trainable parameters and
-    floating-point buffers in every round, and frozen tensors (an EMA teacher) from the first flush that finds them
-    changed. Tensors that user code replaces (SWA's BatchNorm reset, ``module.weight = nn.Parameter(...)``) are
-    followed before the next batch. Right after every flush the module is bit-identical on every rank, or
-    [`RanksDivergedError`][lightning_hpsgd.engine.RanksDivergedError] names the tensor that is not.
+    normalization layers' running statistics in every round, and any other floating-point tensor (an EMA teacher,
+    a buffer user code updates) from the first flush that finds it changed; constant buffers (a causal mask) and
+    frozen parameters send nothing. Tensors that user code replaces (SWA's BatchNorm reset,
+    ``module.weight = nn.Parameter(...)``) are followed before the next batch. Right after every flush the module
+    is bit-identical on every rank, or [`RanksDivergedError`][lightning_hpsgd.errors.RanksDivergedError] names the
+    tensor that is not.
 
     Args:
-        sync_every: ``H``, optimizer steps per round, counted as ``trainer.global_step`` counts them (so gradient
-            accumulation and manual optimization count correctly). Integer >= 1; default 1. Or ``"auto"``: start at
+        sync_every: ``H``, steps per round. A step is a batch that stepped an optimizer (``trainer.global_step``
+            advanced): gradient accumulation counts optimizer steps, and a manual-optimization batch that steps two
+            optimizers (a GAN) counts once, so a round always ends between batches, never between two ``step()``
+            calls of one batch. Integer >= 1; default 1. Or ``"auto"``: start at
             1 and let the ranks choose ``H`` from what they measure (the smallest ``H`` whose ``H`` steps of compute
             hide one all-reduce, with a 25 % margin), agreed at every merge so that every rank ends rounds at the
             same steps. The current value is logged as ``hpsgd/sync_every``.
@@ -123,6 +118,9 @@ class HPSGDStrategy(DDPStrategy):
         cluster_environment: as in DDP; the ``Trainer`` sets it.
         checkpoint_io: as in DDP; the ``Trainer`` sets it.
         precision_plugin: as in DDP; the ``Trainer`` sets it.
+        **kwargs: ``DistributedDataParallel``'s options (``find_unused_parameters=True``, ``static_graph``,
+            ``bucket_cap_mb``, ...) for the node's gradient averaging with ``hierarchy="node"``, as
+            ``DDPStrategy(**kwargs)`` takes them. Flat HPSGD never wraps the model, and warns that they are unused.
     """
 
     strategy_name = "hpsgd"
@@ -135,7 +133,7 @@ class HPSGDStrategy(DDPStrategy):
         outer_lr: float = 1.0,
         outer_momentum: float = 0.0,
         outer_nesterov: bool = True,
-        max_sync_every: int = DEFAULT_MAX_SYNC_EVERY,
+        max_sync_every: int | None = None,
         hierarchy: Literal["node"] | None = None,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
@@ -146,16 +144,13 @@ class HPSGDStrategy(DDPStrategy):
         timeout: timedelta | float | None = compat.default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         monitor: bool = True,
+        **kwargs: Any,
     ) -> None:
-        validate_options(
-            sync_every,
-            merge,
-            max_sync_every=max_sync_every,
-            outer_lr=outer_lr,
-            outer_momentum=outer_momentum,
-            outer_nesterov=outer_nesterov,
-            hierarchy=hierarchy,
-        )
+        if max_sync_every is not None and sync_every != "auto":
+            rank_zero_warn(f"HPSGD: max_sync_every={max_sync_every} has no effect with sync_every={sync_every!r}.")
+        max_sync_every = DEFAULT_MAX_SYNC_EVERY if max_sync_every is None else max_sync_every
+        validate_options(sync_every, merge, max_sync_every=max_sync_every, outer_lr=outer_lr,
+                         outer_momentum=outer_momentum, outer_nesterov=outer_nesterov, hierarchy=hierarchy)  # fmt: skip
         if start_method not in ("popen", "spawn", "fork", "forkserver"):
             raise ValueError(
                 f"start_method must be one of ['popen', 'spawn', 'fork', 'forkserver']; received {start_method!r}."
@@ -164,40 +159,25 @@ class HPSGDStrategy(DDPStrategy):
             timeout = timedelta(seconds=timeout)
         if timeout is not None and (not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0):
             raise ValueError(f"timeout must be a positive timedelta or number of seconds; received {timeout!r}.")
-        super().__init__(
-            accelerator=accelerator,
-            parallel_devices=parallel_devices,
-            cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
-            precision_plugin=precision_plugin,
-            process_group_backend=process_group_backend,
-            timeout=timeout,
-            start_method=start_method,
-        )
-        self.sync_every = sync_every
-        self.max_sync_every = max_sync_every
-        self.merge = merge
+        if kwargs and hierarchy is None:
+            rank_zero_warn(f"HPSGD: DDP options {sorted(kwargs)} have no effect without hierarchy='node'.")
+        super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
+                         cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
+                         precision_plugin=precision_plugin, process_group_backend=process_group_backend,
+                         timeout=timeout, start_method=start_method, **kwargs)  # fmt: skip
+        self.sync_every, self.max_sync_every, self.merge = sync_every, max_sync_every, merge
         self.comm_dtype = resolve_comm_dtype(comm_dtype)
-        self.outer_lr = float(outer_lr)
-        self.outer_momentum = float(outer_momentum)
-        self.outer_nesterov = outer_nesterov
-        self.monitor = monitor
-        self.hierarchy = hierarchy
-        self._node_groups: NodeGroups | None = None
+        self.outer_lr, self.outer_momentum, self.outer_nesterov = float(outer_lr), float(outer_momentum), outer_nesterov
+        self.monitor, self.hierarchy = monitor, hierarchy
+        self._groups: process_groups.RunGroups | None = None
         self._engine: HPSGDEngine | None = None
-        self._hpsgd_group: dist.ProcessGroup | None = None
-        self._object_group: dist.ProcessGroup | None = None
-        self._added_callbacks: list[Callback] = []
-        self._callback_list: list[Callback] = []  # the Trainer's list they were added to
-        self._patches: compat.StopPatches | None = None
-        self._signature: tuple = ()
-        self._wrapped_parameters: list[int] = []
-        self._abandoned = False
-        self._exception_handled = False
-        # Engine state read from a checkpoint (resume), used once by the next engine; and the last engine's state,
-        # used only by `trainer.save_checkpoint` after fit. Neither ever reaches another fit's engine otherwise.
-        self._engine_state_to_load: dict[str, Any] | None = None
-        self._final_engine_state: dict[str, Any] | None = None
+        self._stops: StopCoordinator | None = None
+        self._watcher: ModelWatcher | None = None
+        self._hooks: list[Callback] = []  # the callbacks this fit added, and the list they were added to
+        self._callback_list: list[Callback] = []
+        self._saved = SavedEngineState()
+        self._steps = 0  # batches that stepped an optimizer, this run
+        self._seen_global_step = 0
         self._last_stats: EngineStats | None = None
 
     @property
@@ -251,20 +231,19 @@ class HPSGDStrategy(DDPStrategy):
         assert self.accelerator is not None and self.model is not None
         self.accelerator.setup(trainer)
         fitting = trainer.state.fn == TrainerFn.FITTING
-        if fitting and self._layer_sync:
-            rank_zero_warn(
-                "HPSGD: sync_batchnorm=True makes every forward pass wait for the other ranks, which HPSGD cannot"
-                " hide behind compute. BatchNorm statistics are averaged at every sync point without it."
-            )
-            self.model = self._layer_sync.apply(self.model)
-        self.precision_plugin.convert_module(self.model)
+        if fitting:
+            if self._groups is None:
+                node_rank = self.node_rank if self.hierarchy == "node" else None
+                self._groups = process_groups.RunGroups(self.process_group_backend, self._timeout, node_rank)
+            self._sync_batchnorm()
+        self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if fitting:
             reject_unsupported_model(self.model)
             self.setup_optimizers(trainer)
             reject_sharded_optimizers(self.optimizers)
             self._start_engine(trainer)
-            self._wrap_for_the_node()
+            self.configure_ddp()  # the node's wrapper, through `_setup_model`
         else:
             compat.sync_module_states(self.model)
         self.setup_precision_plugin()
@@ -272,23 +251,32 @@ class HPSGDStrategy(DDPStrategy):
             compat.optimizers_to_device(self.optimizers, self.root_device)
 
     @override
+    def _setup_model(self, model: Module) -> Module:
+        """``hierarchy="node"`` with several devices per node: DDP on the node's group averages gradients; flat
+        HPSGD never wraps the model."""
+        nodes = self._groups.nodes if self._groups is not None else None
+        if nodes is None or nodes.node is None:
+            return model
+        self._ddp_kwargs["process_group"] = nodes.node
+        return super()._setup_model(model)
+
+    @override
+    def _register_ddp_hooks(self) -> None:
+        if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+            super()._register_ddp_hooks()
+
+    @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Runs after users' hooks, so it sees a replaced tensor or a (un)freeze before the batch trains.
         self._follow_model()
 
-    @override
-    def optimizer_step(
-        self,
-        optimizer: Optimizer,
-        closure: Callable[[], Any],
-        model: LightningModule | Module | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        output = super().optimizer_step(optimizer, closure, model, **kwargs)
-        if self._engine is not None:
-            # Lightning counts this step into `global_step` after this call returns.
-            self._engine.on_optimizer_step(self._global_step() + 1)
-        return output
+    def _end_batch(self, trainer: Trainer) -> None:
+        """A batch ended: if it stepped an optimizer (once or more), it is one step of the engine."""
+        if self._engine is None or trainer.global_step == self._seen_global_step:
+            return
+        self._seen_global_step = trainer.global_step
+        self._steps += 1
+        self._engine.on_optimizer_step(self._steps)
 
     @override
     def on_train_end(self) -> None:
@@ -304,18 +292,30 @@ class HPSGDStrategy(DDPStrategy):
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         # Also after fit (`trainer.save_checkpoint` once training is done): the optimizers still hold per-rank state.
-        if "optimizer_states" in checkpoint and self.optimizers and dist.is_initialized() and not self._abandoned:
-            engine_state = self._engine.state_dict() if self._engine is not None else self._final_engine_state
-            checkpoint[CHECKPOINT_KEY] = gather_per_rank_state(
-                [_unwrap(opt) for opt in self.optimizers], self.precision_plugin, engine_state, self._object_group
+        if self._stops is not None and self._stops.abandoned:
+            checkpoint[CHECKPOINT_KEY] = abandoned_entry(self.world_size, "training stopped with an exception")
+            rank_zero_warn(
+                f"HPSGD: {filepath} is written after an error, without a flush: it holds rank 0's unmerged replica."
+                " Resume from the last checkpoint written during training; fit refuses this one."
             )
+        elif "optimizer_states" in checkpoint and self.optimizers and dist.is_initialized():
+            engine_state = self._engine.state_dict() if self._engine is not None else self._saved.last_fit
+            groups = self._groups
+            nodes = groups.nodes if groups is not None else None
+            checkpoint[CHECKPOINT_KEY] = gather_per_rank_state(
+                [_unwrap(opt) for opt in self.optimizers], self.precision_plugin, engine_state,
+                groups.objects if groups is not None else None, nodes.local_size if nodes is not None else 1,
+            )  # fmt: skip
+            checkpoint[CHECKPOINT_KEY]["steps"] = self._steps
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         # Lightning reads the file before `setup` builds the engine, which then starts from the saved state.
-        self._engine_state_to_load = saved_engine_state(checkpoint)
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        self._saved.read(checkpoint, fitting, checkpoint_path)
         return checkpoint
 
     @override
@@ -325,20 +325,30 @@ class HPSGDStrategy(DDPStrategy):
             # A checkpoint from DDP (or any strategy whose ranks share one optimizer state).
             super().load_optimizer_state_dict(checkpoint)
             return
-        if saved["world_size"] != self.world_size:
+        nodes = self._groups.nodes if self._groups is not None else None
+        local_size = nodes.local_size if nodes is not None else 1
+        if saved["world_size"] != self.world_size or saved.get("local_size", 1) != local_size:
             rank_zero_warn(
                 f"HPSGD: the checkpoint was written by {saved['world_size']} ranks and is resumed on"
-                f" {self.world_size}. Each rank starts from the mean of the saved per-rank optimizer states"
-                " (momentum, Adam moments), so the run will not continue exactly as the original would have."
+                f" {self.world_size} (or on another number per node). Each worker starts from the mean of the saved"
+                " optimizer states (momentum, Adam moments) and GradScaler scales, so the run will not continue"
+                " exactly as the original would have."
             )
         optimizers = [_unwrap(opt) for opt in self.optimizers]
-        restore_per_rank_state(saved, optimizers, self.precision_plugin, self.global_rank, self.world_size)
+        restore_per_rank_state(saved, optimizers, self.precision_plugin, self.global_rank, self.world_size, local_size)
         compat.optimizers_to_device(optimizers, self.root_device)
+
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        if self._stops is not None and self._stops.abandoned:
+            return  # after an error a peer may never arrive (OnExceptionCheckpoint calls this)
+        super().barrier(*args, **kwargs)
 
     @override
     def on_exception(self, exception: BaseException) -> None:
         super().on_exception(exception)
-        self._stop_or_abandon(exception)
+        if self._stops is not None:
+            self._stops.stop_or_abandon(exception)
 
     @override
     def teardown(self) -> None:
@@ -346,18 +356,16 @@ class HPSGDStrategy(DDPStrategy):
         if engine is not None and not engine.aborted:
             if engine.needs_flush:
                 self.flush("teardown")
-            self._final_engine_state = engine.state_dict()
+            self._saved.last_fit = engine.state_dict()
         if engine is not None:
             self._last_stats = engine.stats
         self._engine = None
-        self._wrapped_parameters = []
-        for callback in self._added_callbacks:
+        for callback in self._hooks:
             if callback in self._callback_list:
                 self._callback_list.remove(callback)
-        self._added_callbacks = []
-        if self._patches is not None:
-            self._patches.remove()
-            self._patches = None
+        self._hooks = []
+        if self._stops is not None:
+            self._stops.remove()
         super().teardown()
 
     @classmethod
@@ -377,179 +385,88 @@ class HPSGDStrategy(DDPStrategy):
         if self._engine is None or self._engine.aborted:
             return
         self._follow_model()
-        step = self._global_step()
-        self._engine.flush(step)
-        log.debug(f"{self.__class__.__name__}: flushed at step {step} ({reason})")
+        self._engine.flush(self._steps)
+        log.debug(f"{self.__class__.__name__}: flushed at step {self._steps} ({reason})")
 
     def _start_engine(self, trainer: Trainer) -> None:
-        if self._hpsgd_group is None:
-            self._hpsgd_group = process_groups.new_group(self.process_group_backend, self._timeout)
-            # Checkpoint state is gathered as pickled CPU objects: over gloo, never through rank 0's GPU memory.
-            if self.process_group_backend != "gloo":
-                self._object_group = process_groups.new_group("gloo", self._timeout)
-            if self.hierarchy == "node":
-                self._node_groups = process_groups.node_groups(
-                    self.node_rank, self.process_group_backend, self._timeout
-                )
-        tensors = self._model_tensors()
+        assert self._groups is not None
+        module = self.lightning_module
+        state, steps = self._saved.take()
         self._engine = HPSGDEngine(
-            tensors,
-            _averaged_names(self.lightning_module),
-            group=self._hpsgd_group,
-            object_group=self._object_group,
-            sync_every=self.sync_every,
-            max_sync_every=self.max_sync_every,
-            merge=self.merge,
-            comm_dtype=self.comm_dtype,
-            outer_lr=self.outer_lr,
-            outer_momentum=self.outer_momentum,
-            outer_nesterov=self.outer_nesterov,
-            timeout=self._timeout,
-            nodes=self._node_groups,
-        )
-        self._signature = _signature(self.lightning_module)
-        if self._engine_state_to_load is not None:
-            self._engine.load_state_dict(self._engine_state_to_load)
-        self._engine_state_to_load = None
-        self._final_engine_state = None
-        self._abandoned = False
-        self._exception_handled = False
-        flush_first = _FlushFirst(self)
-        trainer.callbacks.insert(0, flush_first)
-        self._added_callbacks = [flush_first]
+            model_tensors(module), averaged_names(module), trained=trained_names(module),
+            group=self._groups.rounds, object_group=self._groups.objects, sync_every=self.sync_every,
+            max_sync_every=self.max_sync_every, merge=self.merge, comm_dtype=self.comm_dtype,
+            outer_lr=self.outer_lr, outer_momentum=self.outer_momentum, outer_nesterov=self.outer_nesterov,
+            timeout=self._timeout, nodes=self._groups.nodes,
+        )  # fmt: skip
+        if state is not None:
+            self._engine.load_state_dict(state)
+        # A checkpoint of an older release (or of DDP) has no step count: every batch then stepped once.
+        self._steps = steps if steps is not None else trainer.global_step
+        self._seen_global_step = trainer.global_step
+        self._watcher = ModelWatcher(module)
+        self._hooks = [_HPSGDHooks(self)]
+        trainer.callbacks.insert(0, self._hooks[0])
         self._callback_list = trainer.callbacks
         if self.monitor and not any(isinstance(cb, HPSGDMonitor) for cb in trainer.callbacks):
-            self._added_callbacks.append(HPSGDMonitor())
-            trainer.callbacks.append(self._added_callbacks[-1])
-        self._patches = compat.StopPatches(trainer, self._raise_if_stopping, self._on_sigterm, self._check_time)
+            self._hooks.append(HPSGDMonitor())
+            trainer.callbacks.append(self._hooks[-1])
+        launcher = self.launcher
+        self._stops = StopCoordinator(
+            lambda: self._engine, trainer, rank=self.global_rank, world_size=self.world_size,
+            kill_children=lambda signum: launcher.kill(signum) if launcher is not None else None,
+            flush=self.flush, forget_groups=self._groups.forget,
+        )  # fmt: skip
 
-    def _wrap_for_the_node(self) -> None:
-        """``hierarchy="node"`` with several devices per node: DDP on the node's group averages gradients."""
-        nodes = self._node_groups
-        if nodes is None or nodes.node is None:
+    def _sync_batchnorm(self) -> None:
+        if not self._layer_sync:
             return
-        device_ids = self.determine_ddp_device_ids()
-        ctx = torch.cuda.stream(torch.cuda.Stream()) if device_ids is not None else nullcontext()
-        with ctx:
-            self.model = DistributedDataParallel(
-                module=self.lightning_module, device_ids=device_ids, process_group=nodes.node, **self._ddp_kwargs
-            )
-        # DDP's reducer holds these parameter objects: a parameter replaced later would silently stop being
-        # averaged inside the node, so `_follow_model` refuses it.
-        self._wrapped_parameters = [id(p) for p in self.lightning_module.parameters()]
-
-    def _model_tensors(self) -> dict[str, Tensor]:
-        module = self.lightning_module
-        assert module is not None
-        return dict(chain(module.named_parameters(), module.named_buffers()))
+        nodes = self._groups.nodes if self._groups is not None else None
+        if nodes is not None:
+            # Inside a node the ranks are synchronous anyway: their BatchNorm statistics sync on the node's group.
+            if nodes.node is not None:
+                self.model = SyncBatchNorm.convert_sync_batchnorm(self.model, process_group=nodes.node)
+            return
+        rank_zero_warn(
+            "HPSGD: sync_batchnorm=True makes every forward pass wait for the other ranks, which HPSGD cannot"
+            " hide behind compute. BatchNorm statistics are averaged at every sync point without it."
+        )
+        self.model = self._layer_sync.apply(self.model)
 
     def _follow_model(self) -> None:
         """Hand the engine the module's tensors again if any was replaced, (un)frozen, added or removed."""
-        if self._engine is None or self._engine.aborted:
+        module = self.lightning_module
+        if self._engine is None or self._engine.aborted or self._watcher is None or not self._watcher.changed(module):
             return
-        signature = _signature(self.lightning_module)
-        if signature != self._signature:
-            if self._wrapped_parameters and [id(p) for p in self.lightning_module.parameters()] != (
-                self._wrapped_parameters
-            ):
-                raise ValueError(
-                    "HPSGD: a parameter of the module was replaced or added during fit. With hierarchy='node', the"
-                    " node's gradient averaging (DDP) cannot follow a new parameter object; assign to"
-                    " `param.data` instead, or use hierarchy=None."
-                )
-            self._engine.follow(self._model_tensors(), _averaged_names(self.lightning_module), self._global_step())
-            self._signature = signature
-
-    def _raise_if_stopping(self) -> None:
-        """Before each batch is fetched (where Lightning broadcast the SIGTERM flag): stop if the ranks agreed."""
-        engine = self._engine
-        if engine is not None and engine.stop_requested & StopRequest.ABORT:
-            trainer = self.lightning_module.trainer
-            log.warning(
-                f"HPSGD (rank {self.global_rank}): a rank received SIGTERM; every rank stops after optimizer step"
-                f" {trainer.global_step}."
+        wrapped = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+        if wrapped and self._watcher.parameters_replaced(module):
+            raise ValueError(
+                "HPSGD: a parameter of the module was replaced or added during fit. With hierarchy='node', the node's"
+                " gradient averaging (DDP) cannot follow a new parameter object; assign to `param.data` instead, or"
+                " use hierarchy=None."
             )
-            compat.mark_sigterm(trainer)
-            raise SIGTERMException()
-
-    def _on_sigterm(self, signum: Any, frame: Any) -> None:
-        log.info(f"HPSGD (rank {self.global_rank}): received SIGTERM")
-        engine = self._engine
-        first = engine is None or not engine.stop_sent & StopRequest.ABORT
-        if first and self.launcher is not None:
-            self.launcher.kill(signum)  # as Lightning's handler does: pass it to the launcher's children
-        if engine is None or engine.aborted or self.world_size == 1:
-            # No round carries it (or nobody to agree with): Lightning's own stop after the current batch.
-            compat.mark_sigterm(self.lightning_module.trainer)
-        if engine is not None and not engine.aborted:
-            engine.request_stop(StopRequest.ABORT)
-
-    def _check_time(self, timer: Timer, trainer: Trainer) -> None:
-        """``Trainer(max_time=...)``: the time limit agreed in the side channel, not by a broadcast every batch.
-
-        Each rank checks its own clock, and a rank past the limit asks the others through the next round; every
-        rank then stops after the same step, up to two rounds past the limit.
-        """
-        engine = self._engine
-        if engine is None or engine.aborted:
-            compat.lightning_time_check(timer, trainer)
-            return
-        if compat.timer_limit_reached(timer):
-            engine.request_stop(StopRequest.FINISH)
-        if engine.stop_requested & StopRequest.FINISH and not trainer.should_stop:
-            trainer.should_stop = True
-            if compat.timer_is_verbose(timer):
-                elapsed = timedelta(seconds=int(timer.time_elapsed()))
-                rank_zero_info(f"Time limit reached. Elapsed time is {elapsed}. Signaling Trainer to stop.")
-
-    def _stop_or_abandon(self, exception: BaseException) -> None:
-        """An agreed stop flushes (every rank is at the same batch boundary); anything else abandons."""
-        if self._exception_handled:
-            return
-        self._exception_handled = True
-        engine = self._engine
-        agreed = (
-            isinstance(exception, SIGTERMException)
-            and engine is not None
-            and not engine.aborted
-            and bool(engine.stop_requested & StopRequest.ABORT)
-        )
-        if agreed:
-            self.flush("agreed stop")
-            return
-        self._abandon(exception)
-
-    def _abandon(self, exception: BaseException) -> None:
-        self._abandoned = True
-        nodes = self._node_groups
-        process_groups.forget(self._hpsgd_group, self._object_group, *((nodes.node, nodes.across) if nodes else ()))
-        if self._engine is None or self._engine.aborted:
-            return
-        self._engine.abandon()
-        # Every rank speaks here: the exception may have hit any one of them.
-        warnings.warn(
-            f"HPSGD (rank {self.global_rank}): training stopped with {type(exception).__name__} after optimizer step"
-            f" {self._global_step()}."
-            " Replicas were not flushed (a collective after an error can hang), so local progress since the last"
-            " flush point is not in the global model. Resume from the last checkpoint.",
-            stacklevel=2,
-        )
-
-    def _global_step(self) -> int:
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        return trainer.global_step if trainer is not None else 0
+        rewrap = wrapped and self._watcher.trained_changed(module)
+        self._engine.follow(model_tensors(module), averaged_names(module), self._steps, trained_names(module))
+        if rewrap:
+            # DDP averages only the parameters that required grad when it was built: build it again, after the
+            # flush that `follow` ran, so node-mates average the (un)frozen ones from this batch on.
+            self.model = self._setup_model(module)
+        self._watcher.accept(module)
 
 
-class _FlushFirst(Callback):
-    """Flushes before user callbacks run, since Lightning calls callbacks' hooks before the strategy's.
-
-    Inserted first in ``trainer.callbacks`` during fit, so a user's ``on_train_end`` or ``on_validation_start``
-    sees the flushed model; and, before any ``on_exception`` callback (for example ``OnExceptionCheckpoint``) runs,
-    flushes an agreed stop or marks the engine abandoned after any other exception, so that no collective starts.
+class _HPSGDHooks(Callback):
+    """Runs before user callbacks (it is inserted first), since Lightning calls callbacks' hooks before the
+    strategy's: a user's ``on_train_end`` or ``on_validation_start`` sees the flushed model; a batch's end is a step
+    of the engine before any user callback (``ModelCheckpoint``) runs; and, before any ``on_exception`` callback
+    (``OnExceptionCheckpoint``), an agreed stop is flushed or the engine is abandoned, so that no collective starts.
     """
 
     def __init__(self, strategy: HPSGDStrategy) -> None:
         self._strategy = strategy
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self._strategy._end_batch(trainer)
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -561,22 +478,8 @@ class _FlushFirst(Callback):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._strategy._stop_or_abandon(exception)
-
-
-def _averaged_names(model: Module) -> set[str]:
-    """Averaged in every round: trainable parameters and floating-point buffers (BatchNorm statistics)."""
-    names = {name for name, p in model.named_parameters() if p.requires_grad}
-    return names | {name for name, b in model.named_buffers() if b.is_floating_point()}
-
-
-def _signature(model: Module) -> tuple:
-    """Cheap, per batch: which storage each tensor has, and which parameters train."""
-    return tuple((t.data_ptr(), t.requires_grad) for t in _tensors(model))
-
-
-def _tensors(model: Module) -> Iterator[Tensor]:
-    return chain(model.parameters(), model.buffers())
+        if self._strategy._stops is not None:
+            self._strategy._stops.stop_or_abandon(exception)
 
 
 def _unwrap(optimizer: Optimizer) -> Optimizer:

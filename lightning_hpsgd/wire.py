@@ -123,6 +123,12 @@ class Wire:
         self._timings: deque[tuple[tuple[torch.cuda.Event, ...], tuple[torch.cuda.Event, ...]]] = deque()
         self._wait_events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this rank's wire buffers (the node's gathered shares included)."""
+        buffers = [self._wire] + ([self._gathered] if self._node_group is not None else [])
+        return sum(b.numel() * b.element_size() for b in buffers)
+
     def launch(self, delta: Tensor, slot: dict, *, step: int, is_flush: bool, steps: int) -> Round:
         """Copy this rank's share of the flat ``delta`` and its side-channel ``slot`` (the keyword arguments of
         [`side_channel.encode`][lightning_hpsgd.side_channel.encode]) to the wire; start the all-reduce."""
@@ -205,7 +211,7 @@ class Wire:
             self._snapshot_ready.synchronize()
         return [int(v) for v in self._meta_host.tolist()], bool(self._finite_host)
 
-    def times(self, rnd: Round, wait_seconds: float, block: bool = False) -> Iterator[tuple[float, float]]:
+    def times(self, rnd: Round | None, wait_seconds: float, block: bool = False) -> Iterator[tuple[float, float]]:
         """``(wait, comm)`` seconds of merged rounds: ``rnd`` at once (gloo), or every NCCL round whose events
         completed (all of them with ``block``). ``rnd`` may be ``None`` to drain only."""
         if rnd is not None and rnd.events is not None and self._wait_events is not None:

@@ -80,6 +80,8 @@ class Regressor(L.LightningModule):
         ema_teacher: float | None = None,
         replace_at_step: int | None = None,
         unused_branch_rank: int | None = None,
+        raise_rank: int | None = 1,
+        constant_buffer: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -91,6 +93,9 @@ class Regressor(L.LightningModule):
             # An MoE expert or an unused branch: only one rank's data ever reaches it, so only that rank's optimizer
             # has state for it.
             self.branch = nn.Linear(6, 2)
+        if constant_buffer:
+            # A causal mask or a RoPE cache kept as a float buffer: never changes, must cost no wire bytes.
+            self.register_buffer("mask", torch.tril(torch.ones(constant_buffer, constant_buffer)))
         self.automatic_optimization = not manual
         self.losses: list[float] = []
 
@@ -138,8 +143,14 @@ class Regressor(L.LightningModule):
             import os
 
             os._exit(17)
-        if hp.raise_at_step is not None and self.global_step == hp.raise_at_step and self.global_rank == 1:
-            raise RuntimeError("a bug in the user's training_step, on rank 1 only")
+        if (
+            hp.raise_at_step is not None
+            and self.global_step == hp.raise_at_step
+            and hp.raise_rank in (None, self.global_rank)
+        ):
+            raise RuntimeError(
+                f"a bug in the user's training_step, on {'every rank' if hp.raise_rank is None else 'rank 1 only'}"
+            )
         sigterm_here = self.global_step == hp.sigterm_at_step and self.global_rank == hp.sigterm_rank
         if sigterm_here and not getattr(self, "_signalled", False):
             self._signalled = True
@@ -208,9 +219,10 @@ class Regressor(L.LightningModule):
 class GAN(L.LightningModule):
     """Two optimizers stepped by hand, GAN-style: every batch takes two optimizer steps."""
 
-    def __init__(self, lr: float = 0.05) -> None:
+    def __init__(self, lr: float = 0.05, docs_order: bool = False) -> None:
         super().__init__()
         self.automatic_optimization = False
+        self.docs_order = docs_order
         torch.manual_seed(0)
         self.generator = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 6))
         self.discriminator = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
@@ -222,6 +234,19 @@ class GAN(L.LightningModule):
         z = torch.randn(real.shape[0], 4, generator=torch.Generator().manual_seed(batch_idx))
         bce = nn.functional.binary_cross_entropy_with_logits
         fake = self.generator(z)
+        if self.docs_order:
+            # Lightning's manual-optimization example: D steps first, then G's loss flows back through `fake`.
+            d_loss = bce(self.discriminator(real), torch.ones(real.shape[0], 1)) + bce(
+                self.discriminator(fake.detach()), torch.zeros(real.shape[0], 1)
+            )
+            opt_d.zero_grad()
+            self.manual_backward(d_loss)
+            opt_d.step()
+            g_loss = bce(self.discriminator(fake), torch.ones(real.shape[0], 1))
+            opt_g.zero_grad()
+            self.manual_backward(g_loss)
+            opt_g.step()
+            return
         g_loss = bce(self.discriminator(fake), torch.ones(real.shape[0], 1))
         opt_g.zero_grad()
         self.manual_backward(g_loss)

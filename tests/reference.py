@@ -38,8 +38,9 @@ def simulate(
     (ranks ``n L .. n L + L - 1`` on node ``n``). The ranks of a node average their gradients at every step, so
     each node is one HPSGD worker whose gradient is the mean of its ranks' gradients; HPSGD runs across the nodes.
 
-    Every merge of a round that contained optimizer steps goes through the outer optimizer of the rule:
-    ``M = mu M + g``, ``U = lr (g + mu M)`` (Nesterov) or ``lr M``, ``G = G + U``; the defaults make ``U = g``.
+    Every merge of a round that contained optimizer steps goes through the outer optimizer of the rule on the
+    trained parameters: ``M = mu M + g``, ``U = lr (g + mu M)`` (Nesterov) or ``lr M``, ``G = G + U``; the defaults
+    make ``U = g``. Floating-point buffers (BatchNorm statistics) always take the plain mean: ``G = G + g``.
     The final flush's round is empty when the step count is a multiple of ``sync_every``: it adds nothing.
 
     Returns:
@@ -55,9 +56,14 @@ def simulate(
         M = [torch.zeros_like(t) for t in G]
     P: list[Tensor] | None = None  # the pending mean
 
+    trained = sum(1 for p in model.parameters() if p.requires_grad)  # `_state` lists them first
+
     def merged(G: list[Tensor], mean: list[Tensor]) -> list[Tensor]:
         out = []
         for j, (g, change) in enumerate(zip(G, mean)):
+            if j >= trained:
+                out.append(g + change)
+                continue
             M[j] = outer_momentum * M[j] + change
             step = outer_lr * (change + outer_momentum * M[j]) if outer_nesterov else outer_lr * M[j]
             out.append(g + step)

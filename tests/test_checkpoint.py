@@ -133,3 +133,72 @@ def test_grad_scaler_state_is_checkpointed_and_restored_per_rank(tmp_path):
         assert b.result["scaler_state_at_start"]["scale"] == saved[b.rank]["scale"]
         for name, value in a.result["final"].items():
             assert torch.equal(b.result["final"][name], value), f"{name} differs after the resume"
+
+
+def test_validate_from_a_checkpoint_leaves_no_engine_state_for_the_next_fit(tmp_path):
+    """`trainer.validate(ckpt_path=...)` reads engine state (H, next boundary, outer momentum); the next `fit`
+    without a checkpoint must start from a fresh engine, as it would in a new process."""
+    args = {**BASE, "max_epochs": 2, "checkpoint": {"every_n_epochs": 1}, "validate_then_refit": True,
+            "strategy_args": {"sync_every": "auto", **OUTER}}  # fmt: skip
+    for r in run_ranks("fit", tmp_path, args):
+        start = r.result["refit_engine_at_start"]
+        assert start["rounds"] == 0 and start["sync_every"] == 1 and start["next_sync"] is None, start
+        assert all(float(v.abs().sum()) == 0 for v in start["outer_momentum"].values())
+
+
+def test_mid_epoch_resume_with_auto_restores_sync_every_and_the_next_boundary(tmp_path):
+    args = {**BASE, "val": False, "max_epochs": 2, "stateful_loader": True, "checkpoint": {"every_n_train_steps": 4},
+            "strategy_args": {"sync_every": "auto"}}  # fmt: skip
+    run_ranks("fit", tmp_path / "a", args)
+    ckpt = tmp_path / "a" / "ckpt" / "epoch=0-step=4.ckpt"
+    saved = torch.load(ckpt, weights_only=False)["hpsgd"]
+    resumed = run_ranks("fit", tmp_path / "b", {**args, "checkpoint": {"every_n_train_steps": 4, "dir": "c"},
+                                                 "resume_from": str(ckpt), "record_engine_at_start": True})  # fmt: skip
+    for r in resumed:
+        start = r.result["engine_at_start"]
+        assert start["sync_every"] == saved["engine"]["sync_every"]["current"]
+        assert start["next_sync"] == saved["engine"]["sync_every"]["next_sync"] is not None
+        assert saved["steps"] == 4 and r.result["start_step"] == 4
+
+
+def test_resume_after_an_ema_teacher_was_promoted_is_exact(tmp_path):
+    """The teacher is promoted at the first flush (epoch 0's validation): the checkpoint after it must bring the
+    promotion back, or the resumed run averages the teacher differently from the uninterrupted one."""
+    args = {**BASE, "model_args": {"ema_teacher": 0.9}, "checkpoint": {"every_n_epochs": 1}}
+    first = run_ranks("fit", tmp_path / "a", args)
+    ckpt = tmp_path / "a" / "ckpt" / "epoch=0-step=6.ckpt"
+    assert torch.load(ckpt, weights_only=False)["hpsgd"]["engine"]["promoted"]
+    resumed = run_ranks("fit", tmp_path / "b", {**args, "checkpoint": {"every_n_epochs": 1, "dir": "c"},
+                                                 "resume_from": str(ckpt)})  # fmt: skip
+    for a, b in zip(first, resumed):
+        for name, value in a.result["final"].items():
+            assert torch.equal(b.result["final"][name], value), f"{name} differs after the resume"
+
+
+def test_a_checkpoint_written_after_an_error_is_marked_and_a_fit_refuses_to_resume_from_it(tmp_path):
+    """An exception on every rank: OnExceptionCheckpoint writes rank 0's unflushed replica. It is marked, and
+    resuming a fit from it is refused with one line, rather than silently resuming an inexact run."""
+    args = {
+        **BASE,
+        "val": False,
+        "on_exception_checkpoint": True,
+        "model_args": {"raise_at_step": 3, "raise_rank": None},
+    }
+    results = run_ranks("fit", tmp_path / "a", args, check=False)
+    assert all(r.returncode != 0 for r in results)
+    (written,) = (tmp_path / "a" / "on_exception").glob("*.ckpt")
+    assert "abandoned" in torch.load(written, weights_only=False)["hpsgd"]
+    resumed = run_ranks("fit", tmp_path / "b", {**BASE, "resume_from": str(written)}, check=False)
+    for r in resumed:
+        assert r.returncode != 0
+        assert "was written after an error without a flush" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_resume_on_another_world_size_carries_the_mean_grad_scaler_scale(tmp_path):
+    args = {**BASE, "val": False, "cpu_grad_scaler": True, "max_epochs": 1, "checkpoint": {"every_n_epochs": 1}}
+    run_ranks("fit", tmp_path / "a", args)
+    ckpt = tmp_path / "a" / "ckpt" / "epoch=0-step=6.ckpt"
+    saved = [s["scale"] for s in torch.load(ckpt, weights_only=False)["hpsgd"]["precision_states"]]
+    assert saved[0] != saved[1]
+    (single,) = run_ranks("fit", tmp_path / "b", {**args, "max_epochs": 2, "resume_from": str(ckpt)}, world_size=1)
+    assert single.result["scaler_state_at_start"]["scale"] == sum(saved) / 2

@@ -112,3 +112,18 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
         assert r.seconds is not None and r.seconds < 40  # not a timeout
     # Signalled during step 4 (global_step 3): sent with that step's round, merged at step 5, stop before step 6.
     assert steps == {5}
+
+
+def test_on_exception_checkpoint_after_an_error_on_one_rank_never_waits_for_the_timeout(tmp_path):
+    """OnExceptionCheckpoint calls Lightning's barrier after writing; the other rank never reaches it. Once the
+    engine is abandoned the barrier must not block, so every rank ends long before the 300 s process group
+    timeout, and the file written is marked as not a flush point."""
+    args = {"model_args": {"raise_at_step": 3}, "timeout_s": 300, "max_epochs": 3, "on_exception_checkpoint": True}
+    results = failing_ranks(tmp_path, args, timeout=200)
+    for r in results:
+        assert r.seconds is not None and r.seconds < 100, (r.rank, r.seconds, r.stderr[-2000:])
+    written = list((tmp_path / "on_exception").glob("*.ckpt"))
+    assert written, "rank 0 writes the checkpoint when its own error arrives"
+    import torch
+
+    assert "abandoned" in torch.load(written[0], weights_only=False)["hpsgd"]

@@ -101,13 +101,64 @@ def test_a_two_by_two_checkpoint_resumes_exactly(tmp_path):
                       num_nodes=2, timeout=300)  # fmt: skip
     ckpt = tmp_path / "a" / "ckpt" / "epoch=0-step=4.ckpt"
     saved = torch.load(ckpt, weights_only=False)
-    assert saved["hpsgd"]["world_size"] == 4 and len(saved["hpsgd"]["optimizer_states"]) == 4
+    # Node-mates hold one optimizer state (their gradients are averaged at every step): stored once per node.
+    assert saved["hpsgd"]["world_size"] == 4 and saved["hpsgd"]["local_size"] == 2
+    assert len(saved["hpsgd"]["optimizer_states"]) == 2
     resumed = run_ranks("fit", tmp_path / "b", {**base, "checkpoint": {"every_n_epochs": 1, "dir": "ckpt_b"},
                         "resume_from": str(ckpt)}, world_size=4, num_nodes=2, timeout=300)  # fmt: skip
     for a, b in zip(first, resumed):
         assert b.result["start_step"] == 4
         assert_identical(b.result["final"], a.result["final"], f"rank {a.rank} after resume")
         assert_identical(a.result["final"], first[0].result["final"], f"rank {a.rank}")
+
+
+def test_unfreezing_a_layer_mid_fit_rebuilds_the_node_wrapper_so_node_mates_stay_identical(tmp_path):
+    """BackboneFinetuning-style: the first layer is frozen when the node's DDP is built and unfrozen at epoch 1.
+    DDP averages only the parameters that trained when it was built, so the node wrapper is built again at the
+    flush that follows the change: node-mates hold one replica at every step of both epochs."""
+    args = {"per_rank_data": True, "num_batches": 4, "max_epochs": 2, "sync_every": 3, "record_every_step": True,
+            "model_args": {"frozen_first": True, "unfreeze_at_epoch": 1}, "strategy_args": NODE}  # fmt: skip
+    results = run_ranks("fit", tmp_path, args, world_size=4, num_nodes=2, timeout=300)
+    steps = results[0].result["by_step"]
+    assert sorted(steps) == list(range(1, 9))
+    for step in steps:
+        for a, b in ((0, 1), (2, 3)):
+            assert_identical(results[a].result["by_step"][step], results[b].result["by_step"][step], f"step {step}")
+    assert not torch.equal(steps[8]["net.0.weight"], results[0].result["initial"]["net.0.weight"])
+    for r in results:
+        assert_identical(r.result["final"], results[0].result["final"], f"rank {r.rank}")
+
+
+def test_ddp_options_reach_the_node_wrapper(tmp_path):
+    """A branch only rank 0's data reaches: inside the node DDP needs find_unused_parameters=True, passed as
+    DDPStrategy takes it."""
+    args = {"per_rank_data": True, "num_batches": 4, "sync_every": 2, "model_args": {"unused_branch_rank": 0},
+            "strategy_args": {**NODE, "find_unused_parameters": True}}  # fmt: skip
+    results = run_ranks("fit", tmp_path, args, world_size=2, num_nodes=1)
+    for r in results:
+        assert_identical(r.result["final"], results[0].result["final"], f"rank {r.rank}")
+    assert not torch.equal(results[0].result["final"]["branch.weight"], results[0].result["initial"]["branch.weight"])
+
+
+def test_sync_batchnorm_under_hierarchy_converts_to_the_node_group(one_rank_group):
+    """``sync_batchnorm=True`` with ``hierarchy="node"``: the ranks of a node are synchronous anyway, so BatchNorm
+    syncs on the node's group, never across the slow link (SyncBatchNorm's forward needs a GPU; this checks the
+    conversion the strategy makes at setup)."""
+    import torch.distributed as dist
+    from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
+
+    from lightning_hpsgd import HPSGDStrategy
+    from lightning_hpsgd.process_groups import RunGroups
+
+    strategy = HPSGDStrategy(hierarchy="node")
+    strategy._layer_sync = TorchSyncBatchNorm()
+    strategy._groups = RunGroups("gloo", None, node_rank=0)
+    node = dist.new_group([0])  # stands in for a node of several ranks (a one-rank node has no node group)
+    strategy._groups.nodes = type(strategy._groups.nodes)(node, strategy._groups.nodes.across, 0, 1, 1)
+    strategy.model = build_net(batchnorm=True)
+    strategy._sync_batchnorm()
+    (converted,) = [m for m in strategy.model.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+    assert converted.process_group is node
 
 
 ENGINE = {"steps": 7, "sync_every": 2, "engine_args": {"outer_lr": 0.8, "outer_momentum": 0.5}}

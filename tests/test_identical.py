@@ -47,6 +47,19 @@ def test_ema_teacher_is_averaged_and_a_frozen_backbone_costs_no_bytes(tmp_path):
         assert torch.equal(ckpt["state_dict"][name], value), name
 
 
+def test_a_constant_float_buffer_costs_no_bytes_and_batchnorm_statistics_still_do(tmp_path):
+    """A causal mask kept as a 64 x 64 float buffer (nanoGPT style) is 28 times the MLP's parameters: it never
+    changes, so it is never sent; BatchNorm's running statistics change at every forward and are sent."""
+    results = fit(tmp_path, model_args={"constant_buffer": 64, "batchnorm": True})
+    assert_identical(results)
+    final = results[0]["final"]
+    trainable = sum(v.numel() for k, v in final.items() if k.startswith("net.") and "running" not in k
+                    and v.is_floating_point())  # fmt: skip
+    statistics = numel(final, "net.1.running_")
+    assert results[0]["stats"]["bytes_per_round"] == 4 * (trainable + statistics)
+    assert torch.equal(final["mask"], torch.tril(torch.ones(64, 64)))
+
+
 def test_setup_starts_every_rank_from_rank_0_and_replaced_or_new_tensors_are_followed(tmp_path):
     """Ranks start from different weights, BatchNorm statistics and frozen weights (setup broadcasts rank 0's). At
     step 3 the module replaces a parameter by a new object (moving it into the optimizer) and registers a buffer,

@@ -96,3 +96,22 @@ def test_auto_on_a_throttled_link_settles_at_four_or_more(tmp_path):
     hs = assert_agreed_boundaries(results)
     assert hs[0] == 1 and 4 <= hs[-1] <= 8, hs  # ratio about 4, with the 25 % margin: 5
     assert_conserved(results, atol=1e-6)
+
+
+OUTER_ENGINE = {"outer_lr": 0.8, "outer_momentum": 0.6}
+
+
+def test_a_promoted_target_network_takes_the_plain_mean_and_keeps_the_outer_momentum(tmp_path):
+    """A target network copied in outside the optimizer (DQN): promoted at the flush after step 4, then averaged
+    every round with the plain mean (no outer step on it), and its promotion does not reset ``M`` of the trained
+    tensors: those end bit-identical to the same run in which nothing was promoted."""
+    base = {"steps": 8, "sync_every": 2, "frozen_tensor": True, "mid_flush_at": 4, "engine_args": OUTER_ENGINE}
+    promoted = run_ranks("engine", tmp_path / "p", {**base, "change_frozen_from": 3})
+    plain = run_ranks("engine", tmp_path / "n", base)
+    for a, b in zip(promoted, plain):
+        assert "error" not in a.result, a.result["error"]
+        assert a.result["stats"]["promoted"] == 1 and b.result["stats"]["promoted"] == 0
+        # Every rank adds rank + 1 at each of steps 3..8: the mean over 2 ranks is 1.5 per step, exactly.
+        assert torch.equal(a.result["frozen"], torch.full((4,), 1.5 * 6)), a.result["frozen"]
+        for x, y in zip(a.result["final"], b.result["final"]):
+            assert torch.equal(x, y)

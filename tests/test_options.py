@@ -147,3 +147,12 @@ def test_lightning_cli_strategy_by_name():
         ],
     )
     assert isinstance(cli.trainer.strategy, HPSGDStrategy) and cli.trainer.strategy.merge == "stale"
+
+
+def test_max_sync_every_with_a_fixed_sync_every_warns_and_ddp_options_without_hierarchy_warn():
+    with pytest.warns(UserWarning, match="max_sync_every=8 has no effect with sync_every=4"):
+        HPSGDStrategy(sync_every=4, max_sync_every=8)
+    with pytest.warns(UserWarning, match=r"DDP options \['find_unused_parameters'\] have no effect"):
+        HPSGDStrategy(find_unused_parameters=True)
+    strategy = HPSGDStrategy(hierarchy="node", find_unused_parameters=True, static_graph=False)
+    assert strategy._ddp_kwargs == {"find_unused_parameters": True, "static_graph": False}

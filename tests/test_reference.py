@@ -66,6 +66,19 @@ def test_outer_optimizer_matches_reference_simulation(tmp_path, merge, sync_ever
     assert not torch.allclose(plain.state_dict()["0.weight"], reference.state_dict()["0.weight"], atol=1e-4)
 
 
+def test_outer_optimizer_steps_parameters_and_batchnorm_statistics_take_the_plain_mean(tmp_path):
+    """Momentum on a running variance can drive it negative (NaN losses): the outer step is for what the
+    optimizers train; BatchNorm's statistics take the plain mean, as in the reference."""
+    outer = {"outer_lr": 0.8, "outer_momentum": 0.6}
+    args = {"per_rank_data": True, "num_batches": NUM_BATCHES, "sync_every": 3, "model_args": {"batchnorm": True}}
+    results = run_ranks("fit", tmp_path, {**args, "strategy_args": outer})
+    batches = [make_batches(NUM_BATCHES, 8, seed=100 + r) for r in range(2)]
+    reference = simulate(build_net(batchnorm=True), sgd, batches, 3, "replica", mse, **outer)
+    for r in results:
+        assert_matches(r.result, reference)
+        assert (r.result["final"]["net.1.running_var"] > 0).all()
+
+
 def test_identical_data_replica_matches_single_process_and_stale_does_not(tmp_path):
     batches = make_batches(NUM_BATCHES, 8, seed=100)
     plain = plain_training(build_net(), sgd, batches, mse)

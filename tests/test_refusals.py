@@ -28,17 +28,6 @@ fully_shard = getattr(fsdp, "fully_shard", None)  # public from PyTorch 2.6
 needs_fully_shard = pytest.mark.skipif(fully_shard is None, reason="this PyTorch has no fsdp.fully_shard")
 
 
-@pytest.fixture
-def one_rank_group(tmp_path):
-    """The default process group over this one process (gloo, a file store: no port), destroyed after the test."""
-    assert not dist.is_initialized(), "another test left a process group behind"
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def refusal(check, *args) -> str:
     """The message of the ``ValueError`` that ``check(*args)`` raises, which must fit on one line."""
     with pytest.raises(ValueError) as err:

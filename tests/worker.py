@@ -74,6 +74,23 @@ class Recorder(Callback):
         self.record["param_dtypes"] = {n: p.dtype for n, p in pl_module.named_parameters()}
 
 
+class EngineAtStart(Callback):
+    """The engine's state when a fit starts (after setup read any checkpoint)."""
+
+    def __init__(self) -> None:
+        self.record: dict[str, Any] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        engine = trainer.strategy.engine
+        state = engine.state_dict()
+        self.record = {
+            "rounds": engine.stats.rounds,
+            "sync_every": engine.sync_every,
+            "next_sync": engine.schedule.next_sync,
+            "outer_momentum": state.get("outer_momentum"),
+        }
+
+
 class BroadcastCounter(Callback):
     """Counts the collectives on the default group (broadcasts, all-reduces) made by anyone between the start and
     the end of training. HPSGD's rounds run on a group of their own and are not counted."""
@@ -204,7 +221,7 @@ def perturb_by_rank(module: torch.nn.Module, rank: int) -> None:
 def scenario_fit(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
     rank, world_size = env_rank(), int(os.environ.get("WORLD_SIZE", 1))
     if args.get("model") == "gan":
-        module: L.LightningModule = GAN()
+        module: L.LightningModule = GAN(**args.get("model_args", {}))
     else:
         model_args = dict(args.get("model_args", {}))
         if "hidden_on_rank1" in args and rank == 1:
@@ -219,7 +236,9 @@ def scenario_fit(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
     pre_fit = snapshot(module)
     recorder = Recorder(every_step=args.get("record_every_step", False))
     broadcasts = BroadcastCounter() if args.get("count_broadcasts") else None
-    trainer = build_trainer(args, outdir, [recorder] + ([broadcasts] if broadcasts else []))
+    engine_at_start = EngineAtStart() if args.get("record_engine_at_start") else None
+    extra = [c for c in (broadcasts, engine_at_start) if c is not None]
+    trainer = build_trainer(args, outdir, [recorder, *extra])
     val = loader(make_batches(2, 8, seed=99)) if args.get("val") else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -241,6 +260,18 @@ def scenario_fit(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
         trainer.fit_loop.max_epochs += 1
         trainer.fit(module, train_data(args, rank, world_size), val)
         out["refit_final"] = snapshot(module)
+    if engine_at_start is not None:
+        out["engine_at_start"] = engine_at_start.record
+    if args.get("validate_then_refit"):
+        # `validate(ckpt_path=...)` reads a checkpoint; a later fit without one must start a fresh engine.
+        ckpt = sorted((outdir / "ckpt").glob("*.ckpt"))[-1]
+        trainer.validate(module, val, ckpt_path=str(ckpt), verbose=False)
+        fresh = Regressor(**dict(args.get("model_args", {})))
+        at_start = EngineAtStart()
+        trainer.callbacks.append(at_start)
+        trainer.fit_loop.max_epochs += 1
+        trainer.fit(fresh, train_data(args, rank, world_size), val)
+        out["refit_engine_at_start"] = at_start.record
     if broadcasts is not None:
         out["broadcasts_during_training"] = broadcasts.count
     out["warnings"] = [str(w.message) for w in caught]
@@ -285,8 +316,14 @@ def scenario_engine(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
         from lightning_hpsgd.process_groups import node_groups
 
         nodes = node_groups(int(os.environ["NODE_RANK"]), "gloo", timedelta(seconds=args.get("timeout_s", 60)))
+    tensors = {"w": replica[0], "b": replica[1], "fp64_buffer": replica[2], "counter": counter}
+    frozen = torch.zeros(4)  # a target network: frozen, changed outside the optimizer (promoted at a flush)
+    averaged = None
+    if args.get("frozen_tensor"):
+        tensors["t"], averaged = frozen, ["w", "b", "fp64_buffer"]
     engine = HPSGDEngine(
-        {"w": replica[0], "b": replica[1], "fp64_buffer": replica[2], "counter": counter},
+        tensors,
+        averaged,
         group=dist.new_group(),
         **{
             "sync_every": args.get("sync_every", 1),
@@ -322,12 +359,16 @@ def scenario_engine(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
                 engine.on_optimizer_step(99)
             if step_sleep_s:
                 time.sleep(step_sleep_s)
+            if args.get("change_frozen_from") is not None and step >= args["change_frozen_from"]:
+                frozen.add_(rank + 1.0)
             if engine.on_optimizer_step(step):
                 sync_steps.append(step)
                 sync_every.append(engine.sync_every)
                 # What this rank's round just launched carries in the side channel: its step and comm times.
                 proposals.append((engine.schedule.step_seconds, engine.schedule.comm_seconds))
             history.append([t.clone() for t in replica])
+            if args.get("mid_flush_at") == step:
+                engine.flush(step)
             if args.get("reenter_at_step") == step:
                 with engine._exclusive("sync point"):  # as if a signal handler interrupted a sync point
                     engine.flush(step)
@@ -339,6 +380,7 @@ def scenario_engine(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
         out["error"] = f"{type(err).__name__}: {err}"
     out.update(
         final=[t.clone() for t in replica],
+        frozen=frozen.clone(),
         totals=totals,
         history=history,
         global_=engine.global_.clone(),

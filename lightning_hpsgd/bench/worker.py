@@ -94,8 +94,8 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
             # The flat buffers HPSGD keeps beside the model (G, S, the wire), before teardown drops the engine.
             engine = getattr(trainer.strategy, "engine", None)
             if engine is not None:
-                buffers = (engine.global_, engine.start, engine._wire)
-                self.state_bytes = sum(t.numel() * t.element_size() for t in buffers)
+                buffers = (engine.global_, engine.start)
+                self.state_bytes = sum(t.numel() * t.element_size() for t in buffers) + engine.wire.nbytes
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             if self.last is None:

@@ -74,7 +74,8 @@ def main() -> None:
     )
     trainer.fit(module, loader(make_batches(12, 8, seed=3)))
     if dist.is_initialized():
-        AT_EXIT.update(group=trainer.strategy._hpsgd_group, path=str(Path(outdir) / f"exit{trainer.global_rank}.json"))
+        exit_file = str(Path(outdir) / f"exit{trainer.global_rank}.json")
+        AT_EXIT.update(group=trainer.strategy._groups.rounds, path=exit_file)
     if strategy in ("hpsgd_spawn", "hpsgd_fork", "hpsgd_notebook"):
         stats = trainer.strategy.stats
         torch.save(
