@@ -259,7 +259,7 @@ class HPSGDEngine:
 
     def _launch(self, step: int, is_flush: bool) -> Round:
         slot = {"stop": self._stop_to_send, "step_seconds": self.schedule.step_seconds,
-                "comm_seconds": self.schedule.comm_seconds}  # fmt: skip
+                "comm_seconds": self.schedule.comm_seconds, "wait_seconds": self.schedule.wait_seconds}  # fmt: skip
         rnd = self.wire.launch(self.start, slot, step=step, is_flush=is_flush, steps=self._steps_unsent)
         self._steps_unsent = 0
         self.stats.bytes_sent += self.stats.bytes_per_round
@@ -529,7 +529,7 @@ class HPSGDEngine:
             self._add_timing(wait, comm)
 
     def _add_timing(self, wait: float, comm: float) -> None:
-        self.schedule.record_comm(comm)
+        self.schedule.record_comm(comm, wait)
         self.stats.add_timing(wait, comm)
 
     @contextmanager

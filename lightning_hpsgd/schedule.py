@@ -11,10 +11,12 @@ from typing import Any
 from lightning_hpsgd.options import SyncEvery
 from lightning_hpsgd.side_channel import Slot
 
-__all__ = ["AUTO_MARGIN", "Schedule", "agreed_sync_every"]
+__all__ = ["AUTO_MARGIN", "HIDDEN_WAIT", "Schedule", "agreed_sync_every"]
 
 # "auto" chooses the smallest H with comm <= H x step / AUTO_MARGIN, from moving averages of both.
 AUTO_MARGIN = 1.25
+# A round is hidden when the slowest rank waits less than this fraction of one of its steps per round.
+HIDDEN_WAIT = 0.2
 _SMOOTHING = 0.3
 
 
@@ -26,13 +28,20 @@ def agreed_sync_every(slots: Sequence[Slot], current: int, max_sync_every: int) 
     rank can measure less than the link, since the all-reduce completes only after the last launch. Compute is the
     *largest* step time: the slowest rank must hide the link too. Every rank decides from the same slots, so all
     agree. ``current`` stays until every rank has measured both.
+
+    ``H`` grows only while the slowest rank really waits (more than ``HIDDEN_WAIT`` of a step per round): a
+    completion time read on the host can arrive late when the training thread holds the CPU (gloo's callback needs
+    Python's lock), which makes a hidden all-reduce look longer than it is.
     """
     comms = [s.comm_seconds for s in slots if s.comm_seconds > 0]
     steps = [s.step_seconds for s in slots if s.step_seconds > 0]
     if len(comms) < len(slots) or len(steps) < len(slots):
         return current
-    wanted = math.ceil(AUTO_MARGIN * min(comms) / max(steps))
-    return min(max(wanted, 1), max_sync_every)
+    slowest = max(slots, key=lambda s: s.step_seconds)
+    wanted = min(max(math.ceil(AUTO_MARGIN * min(comms) / slowest.step_seconds), 1), max_sync_every)
+    if wanted > current and slowest.wait_seconds < HIDDEN_WAIT * slowest.step_seconds:
+        return current  # already hidden
+    return wanted
 
 
 class Schedule:
@@ -53,6 +62,7 @@ class Schedule:
         self.next_sync: int | None = None  # "auto": the step at or after which the current round ends
         self.step_seconds: float | None = None
         self.comm_seconds: float | None = None
+        self.wait_seconds: float | None = None
         self._clock = clock
         self._round_started: float | None = None
         self._round_steps = 0
@@ -82,9 +92,10 @@ class Schedule:
         if step is not None and self.auto:
             self.next_sync = step + self.sync_every  # H as agreed at this sync point's merge
 
-    def record_comm(self, seconds: float) -> None:
-        """A round's time from launch to completion, on this rank."""
+    def record_comm(self, seconds: float, wait: float = 0.0) -> None:
+        """A round's time from launch to completion, and how long this rank waited for it at the merge."""
         self.comm_seconds = _smooth(self.comm_seconds, seconds)
+        self.wait_seconds = _smooth(self.wait_seconds, wait)
 
     def agree(self, slots: Sequence[Slot]) -> int:
         """Set ``H`` from a merged round's slots (``"auto"``; a fixed ``H`` stays). Returns the new ``H``."""

@@ -18,8 +18,8 @@ from lightning_hpsgd.errors import NonFiniteUpdateError, RanksOutOfStepError
 
 __all__ = ["FIELDS", "Slot", "StopRequest", "check_steps", "decode", "encode", "non_finite_error", "size"]
 
-# Per rank: step code high bits, low bits, non-finite flag, stop request, step time, communication time.
-FIELDS = 6
+# Per rank: step code high bits, low bits, non-finite flag, stop request, step, communication and wait times.
+FIELDS = 7
 _CODE_BITS = 12  # each half of a step code stays below 2**24, exact in fp32
 _TIME_TICK = 1e-5  # seconds per unit of the time fields: 10 µs, up to 167 s
 _TIME_MAX = (1 << 24) - 1
@@ -43,6 +43,7 @@ class Slot:
         stop: the rank's stop requests.
         step_seconds: the rank's compute time per step (a moving average; 0: not measured yet).
         comm_seconds: the rank's time from launching an all-reduce to its completion (0: not measured yet).
+        wait_seconds: the time the rank waited at its merges for the all-reduce (0: never, or not measured).
     """
 
     step: int
@@ -51,6 +52,7 @@ class Slot:
     stop: StopRequest
     step_seconds: float
     comm_seconds: float
+    wait_seconds: float = 0.0
 
 
 def size(world_size: int) -> int:
@@ -72,6 +74,7 @@ def encode(
     stop: StopRequest,
     step_seconds: float | None,
     comm_seconds: float | None,
+    wait_seconds: float | None = None,
 ) -> None:
     """Write this rank's slot into ``meta`` (zeroed first). ``non_finite`` is a 0-d tensor, so no host sync."""
     w = meta.numel() // FIELDS
@@ -83,6 +86,7 @@ def encode(
     meta[3 * w + rank] = int(stop)
     meta[4 * w + rank] = _ticks(step_seconds)
     meta[5 * w + rank] = _ticks(comm_seconds)
+    meta[6 * w + rank] = _ticks(wait_seconds)
 
 
 def decode(values: Sequence[int]) -> list[Slot]:
@@ -100,6 +104,7 @@ def decode(values: Sequence[int]) -> list[Slot]:
                 stop=StopRequest(field[3][r]),
                 step_seconds=field[4][r] * _TIME_TICK,
                 comm_seconds=field[5][r] * _TIME_TICK,
+                wait_seconds=field[6][r] * _TIME_TICK,
             )
         )
     return slots

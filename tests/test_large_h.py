@@ -63,7 +63,7 @@ def test_auto_ranks_agree_on_every_round_boundary_from_the_figures_every_rank_se
             one = torch.zeros_like(meta)
             side_channel.encode(one, rank, step=1, is_flush=False, non_finite=torch.tensor(False),
                                 stop=side_channel.StopRequest(0), step_seconds=figures[k][0],
-                                comm_seconds=figures[k][1])  # fmt: skip
+                                comm_seconds=figures[k][1], wait_seconds=figures[k][2])  # fmt: skip
             meta += one
         h = agreed_sync_every(side_channel.decode(meta.tolist()), h, 6)
         expected.append(h)
@@ -74,11 +74,11 @@ def test_auto_ranks_agree_on_every_round_boundary_from_the_figures_every_rank_se
 
 
 def test_auto_on_loopback_keeps_sync_every_at_one_and_logs_it(tmp_path):
-    """Compute hides the tiny model's all-reduce on loopback: H stays 1, and the monitor logs it. Ranks decide from
-    the smallest comm time any rank measured, so a rank slowed by the other test worker's load (its peer then
-    waits for it) no longer makes "auto" choose 2 or 3."""
+    """Compute (10 ms a step) hides the tiny model's all-reduce on loopback: H stays 1, and the monitor logs it.
+    Ranks decide from the smallest comm time any rank measured, and H grows only while the slowest rank waits, so
+    a rank slowed by other work on the machine (its peer then waits for it) no longer makes "auto" choose 2 or 3."""
     args = {"csv_logger": True, "log_every_n_steps": 3, "max_epochs": 3, "strategy_args": {"sync_every": "auto"},
-            "model_args": {"log_sync_dist": False}}  # fmt: skip
+            "model_args": {"step_sleep_s": 0.01, "log_sync_dist": False}}  # fmt: skip
     results = run_ranks("fit", tmp_path, args)
     assert set(column(read_metrics(tmp_path), "hpsgd/sync_every")) == {1.0}
     assert results[0].result["rounds"] == 18 + 1  # 18 steps, one round each, and the final flush

@@ -16,13 +16,14 @@ class FakeClock:
         return self.now
 
 
-def slots_of(figures: list[tuple[float | None, float | None]]) -> list[side_channel.Slot]:
-    """Every rank's (step, comm) seconds through a real side channel: encoded per rank, summed, decoded."""
+def slots_of(figures: list[tuple[float | None, ...]]) -> list[side_channel.Slot]:
+    """Every rank's (step, comm[, wait]) seconds through a real side channel: encoded per rank, summed, decoded."""
     total = torch.zeros(side_channel.size(len(figures)), dtype=torch.int64)
-    for rank, (step_s, comm_s) in enumerate(figures):
+    for rank, (step_s, comm_s, *wait_s) in enumerate(figures):
         one = torch.zeros_like(total)
         side_channel.encode(one, rank, step=5, is_flush=False, non_finite=torch.tensor(False),
-                            stop=side_channel.StopRequest(0), step_seconds=step_s, comm_seconds=comm_s)  # fmt: skip
+                            stop=side_channel.StopRequest(0), step_seconds=step_s, comm_seconds=comm_s,
+                            wait_seconds=wait_s[0] if wait_s else None)  # fmt: skip
         total += one
     return side_channel.decode(total.tolist())
 
@@ -47,11 +48,12 @@ def simulate_auto(step_seconds: list[float], link_seconds: float, rounds: int = 
             clock.now += h * step_seconds[rank]
             schedule.end_round()
             if pending_done is not None:  # wait for the pending all-reduce, then measure its comm time
-                clock.now = max(clock.now, pending_done)
-                schedule.record_comm(pending_done - launches[rank])
+                wait = max(0.0, pending_done - clock.now)
+                clock.now += wait
+                schedule.record_comm(pending_done - launches[rank], wait)
             launches[rank] = clock.now
         pending_done = max(launches) + link_seconds
-        slots = slots_of([(s.step_seconds, s.comm_seconds) for s in schedules])
+        slots = slots_of([(s.step_seconds, s.comm_seconds, s.wait_seconds) for s in schedules])
         agreed = {s.agree(slots) for s in schedules}
         assert len(agreed) == 1, agreed
         history.append(agreed.pop())
@@ -84,7 +86,16 @@ def test_a_slow_link_gives_the_sync_every_that_hides_it():
 
 def test_agreement_waits_until_every_rank_measured_both_times():
     assert agreed_sync_every(slots_of([(0.01, None), (0.01, 0.05)]), 3, 32) == 3
-    assert agreed_sync_every(slots_of([(0.01, 0.05), (0.02, 0.07)]), 3, 32) == 4  # ceil(1.25 * 0.05 / 0.02)
+    # ceil(1.25 * 0.05 / 0.02) = 4, once the slowest rank (0.02 s a step) waits at its merges
+    assert agreed_sync_every(slots_of([(0.01, 0.05, 0.01), (0.02, 0.07, 0.01)]), 3, 32) == 4
+
+
+def test_sync_every_grows_only_while_the_slowest_rank_waits():
+    """A completion read late on the host (the callback waits for Python's lock) inflates comm: with no wait at
+    the merges the all-reduce is hidden already, and H stays; shrinking needs no wait."""
+    assert agreed_sync_every(slots_of([(0.01, 0.05, 0.0), (0.02, 0.07, 0.001)]), 1, 32) == 1
+    assert agreed_sync_every(slots_of([(0.01, 0.05, 0.0), (0.02, 0.07, 0.005)]), 1, 32) == 4
+    assert agreed_sync_every(slots_of([(0.01, 0.01, 0.0), (0.02, 0.01, 0.0)]), 4, 32) == 1
 
 
 def test_auto_state_round_trips_and_a_fixed_h_has_none():

@@ -365,7 +365,9 @@ def scenario_engine(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
                 sync_steps.append(step)
                 sync_every.append(engine.sync_every)
                 # What this rank's round just launched carries in the side channel: its step and comm times.
-                proposals.append((engine.schedule.step_seconds, engine.schedule.comm_seconds))
+                proposals.append(
+                    (engine.schedule.step_seconds, engine.schedule.comm_seconds, engine.schedule.wait_seconds)
+                )
             history.append([t.clone() for t in replica])
             if args.get("mid_flush_at") == step:
                 engine.flush(step)
