@@ -147,8 +147,8 @@ def restore_per_rank_state(
         world_size: the number of ranks now.
         local_size: ranks per node now (``hierarchy="node"``), 1 otherwise.
 
-    On a different world size (or node layout) the run cannot continue exactly as the original would have; the
-    caller says so. Each rank then takes the mean of the saved states, the GradScaler's scale included.
+    On a different world size (or node layout) the run cannot continue exactly as the original would have: rank 0
+    warns, and each rank takes the mean of the saved states, the GradScaler's scale included.
     """
     per_worker = saved["optimizer_states"]
     precision_states = [p for p in saved.get("precision_states", []) if p]
@@ -156,6 +156,14 @@ def restore_per_rank_state(
         states = per_worker[rank // local_size]
         precision_state = precision_states[rank // local_size] if precision_states else None
     else:
+        if rank == 0:
+            warnings.warn(
+                f"HPSGD: the checkpoint was written by {saved['world_size']} ranks and is resumed on {world_size} (or"
+                " on another number per node). Each worker starts from the mean of the saved optimizer states"
+                " (momentum, Adam moments) and GradScaler scales, so the run will not continue exactly as the"
+                " original would have.",
+                stacklevel=2,
+            )
         states = [mean_of_states([worker[i] for worker in per_worker]) for i in range(len(per_worker[0]))]
         precision_state = mean_of_states(precision_states) if precision_states else None
     if precision_state:

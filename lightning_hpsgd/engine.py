@@ -8,14 +8,14 @@ without a training framework. The parts, each with its own state:
 * [`lightning_hpsgd.side_channel`][]: each rank's slot (step, stop, non-finite flag, times) and its checks;
 * [`lightning_hpsgd.schedule`][]: where rounds end, fixed or ``"auto"``;
 * [`lightning_hpsgd.outer`][]: how a merged mean enters ``G`` (plain, or the outer optimizer with ``M``);
+* [`lightning_hpsgd.buffers`][]: ``G`` and ``S``, flat, with a view per tensor;
 * [`lightning_hpsgd.integrity`][]: the check after every flush.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_hpsgd import side_channel
+from lightning_hpsgd.buffers import RuleBuffers
 from lightning_hpsgd.errors import (
     HPSGDCommunicationError,
     HPSGDError,
@@ -31,9 +32,10 @@ from lightning_hpsgd.errors import (
     NonFiniteUpdateError,
     RanksDivergedError,
     RanksOutOfStepError,
+    SectionGuard,
     communication_error,
 )
-from lightning_hpsgd.integrity import check_identical
+from lightning_hpsgd.integrity import average_if_different, check_identical
 from lightning_hpsgd.options import (
     DEFAULT_MAX_SYNC_EVERY,
     MergeMode,
@@ -45,7 +47,7 @@ from lightning_hpsgd.outer import OuterStep
 from lightning_hpsgd.schedule import Schedule
 from lightning_hpsgd.side_channel import StopRequest
 from lightning_hpsgd.stats import EngineStats
-from lightning_hpsgd.tensor_utils import FlatLayout, average_tensors, broadcast_tensors, checksums, differs_across_ranks
+from lightning_hpsgd.tensor_utils import FlatLayout, broadcast_tensors
 from lightning_hpsgd.tracked import TrackedTensors
 from lightning_hpsgd.wire import NodeGroups, Round, Wire
 
@@ -152,11 +154,8 @@ class HPSGDEngine:
         self.group, self.merge, self.timeout, self.nodes = group, merge, timeout, nodes
         self.object_group = object_group if object_group is not None else group
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        if nodes is not None and nodes.local_size * nodes.num_nodes != self.world_size:
-            raise ValueError(
-                f"HPSGD: {nodes.num_nodes} nodes of {nodes.local_size} ranks do not make the group's"
-                f" {self.world_size} ranks."
-            )
+        if nodes is not None:
+            nodes.check(self.world_size)
         self._outer_options = (float(outer_lr), float(outer_momentum), outer_nesterov)
         self._comm_dtype_option = resolve_comm_dtype(comm_dtype)
         self.tracked = TrackedTensors(tensors, averaged, trained)
@@ -172,17 +171,13 @@ class HPSGDEngine:
         self._deferred: Round | None = None  # merged; its side channel is checked at the next merge
         self._steps_unsent = 0  # steps since the last launch
         self._steps_since_flush = 0
-        self._busy = False
         self._drift_requested = False
-        self.aborted = False
+        self.guard = SectionGuard()  # one section at a time; none once aborted
         # Set at the merge that carried any rank's stop request: every rank learns it at the same merge.
         self.stop_requested = StopRequest(0)
         self._stop_to_send = StopRequest(0)
         self.stats = EngineStats(sync_every=self.sync_every)
         self._build({}, {})
-        log.debug("HPSGDEngine: %d averaged and %d frozen tensors, %d elements, G in %s, wire in %s, %d ranks",
-                  len(self.replica), len(self.tracked.frozen), self.layout.numel, self.layout.dtype,
-                  self.comm_dtype, self.world_size)  # fmt: skip
 
     # ------------------------------------------------------------------ the rule
 
@@ -202,21 +197,23 @@ class HPSGDEngine:
     @torch.no_grad()
     def sync_point(self, step: int) -> None:
         """Merge the pending average, rebase ``R`` and launch this round's all-reduce."""
-        with self._exclusive("sync point"):
+        with self.guard("sync point"):
             self.schedule.end_round()
             if self._drift_requested:
-                self._measure_drift()
-            self._delta_into_start()  # S ← R − S = Δ
+                self._drift_requested = False
+                self.stats.last_drift = self.buffers.drift()
+            self.buffers.delta_into_start()  # S ← R − S = Δ
             pending = self.pending
             waited = self._merge(defer=self.defer_checks)  # G ← G + U(mean P)
             if pending is not None:
-                self._record_round(pending, step, waited)
+                self.stats.add_staleness(step - pending.step)
+                self._record_times(self.wire.times(pending, waited))
             self.pending = self._launch(step, is_flush=False)  # the wire takes Δ from S; S is free again
             if self.merge == "replica":
                 self.start.add_(self.global_)  # S ← G + Δ
             else:
                 self.start.copy_(self.global_)  # S ← G
-            self._write_replica_from_start()  # R ← S
+            self.buffers.write_replica()  # R ← S
             self.schedule.start_round(step)
 
     @torch.no_grad()
@@ -231,31 +228,18 @@ class HPSGDEngine:
         Raises:
             RanksDivergedError: a tensor of ``R`` differs across ranks after the merge; names the first one.
         """
-        with self._exclusive("flush"):
-            self._delta_into_start()
+        with self.guard("flush"):
+            self.buffers.delta_into_start()
             self._merge(defer=False)
             self.pending = self._launch(step, is_flush=True)
             self._merge(defer=False)
             self.start.copy_(self.global_)
-            self._write_replica_from_start()
-            for wait, comm in self.wire.times(None, 0.0, block=True):
-                self._add_timing(wait, comm)
+            self.buffers.write_replica()
+            self._record_times(self.wire.times(None, 0.0, block=True))
             self._reconcile(step)
         self._steps_since_flush = 0
         self.schedule.start_round(None)
         self.stats.flushes += 1
-
-    def _delta_into_start(self) -> None:
-        """``S ← R − S``: until the launch copies it to the wire, S holds this round's Δ."""
-        self.start.neg_()
-        torch._foreach_add_(self._start_views, self.replica)
-
-    def _write_replica_from_start(self) -> None:
-        torch._foreach_copy_(self.replica, self._start_views)
-        if self.tracked.replica_is_narrow:
-            # Writing G + Δ into a narrow R rounds it: S must be re-read from R for Δ to measure only the
-            # optimizer's progress.
-            torch._foreach_copy_(self._start_views, self.replica)
 
     def _launch(self, step: int, is_flush: bool) -> Round:
         slot = {"stop": self._stop_to_send, "step_seconds": self.schedule.step_seconds,
@@ -302,24 +286,18 @@ class HPSGDEngine:
 
     def _check(self, values: list[int], sum_is_finite: bool, merged: bool) -> None:
         """Every rank reads the same slots: the same errors, stop requests and ``H`` everywhere."""
-        slots = side_channel.decode(values)
         try:
-            side_channel.check_steps(slots)
-        except RanksOutOfStepError:
+            slots = side_channel.read_round(values, sum_is_finite, where=lambda: self._first_non_finite(merged),
+                                            comm_dtype=self.comm_dtype, merged=merged)  # fmt: skip
+        except HPSGDError:
             self.aborted = True
             raise
         for slot in slots:
             self.stop_requested |= slot.stop
         self.stats.sync_every = self.schedule.agree(slots)
-        error = side_channel.non_finite_error(slots, sum_is_finite, where=lambda: self._first_non_finite(merged),
-                                              comm_dtype=self.comm_dtype, merged=merged)  # fmt: skip
-        if error is not None:
-            self.aborted = True
-            raise error
 
     def _first_non_finite(self, merged: bool) -> str:
-        bad = (~torch.isfinite(self.global_ if merged else self.wire.payload)).nonzero()
-        return self.tracked.name_at(int(bad[0])) if bad.numel() else "(unknown)"
+        return self.tracked.first_non_finite(self.global_ if merged else self.wire.payload)
 
     def _reconcile(self, step: int) -> None:
         try:
@@ -336,13 +314,8 @@ class HPSGDEngine:
     # ------------------------------------------------------------------ the model's tensors
 
     @torch.no_grad()
-    def follow(
-        self,
-        tensors: Mapping[str, Tensor],
-        averaged: Collection[str],
-        step: int,
-        trained: Collection[str] | None = None,
-    ) -> bool:
+    def follow(self, tensors: Mapping[str, Tensor], averaged: Collection[str], step: int,
+               trained: Collection[str] | None = None) -> bool:  # fmt: skip
         """Track the model's tensors after user code replaced some of them or changed which are trainable.
 
         * The same names, shapes and dtypes, and the same sets: tensors replaced by new objects (SWA resetting
@@ -361,26 +334,19 @@ class HPSGDEngine:
         if self.tracked.same_layout(tensors, averaged, trained):
             return False
         self.flush(step)
-        with self._exclusive("rebuild"):
+        with self.guard("rebuild"):
             known = {name: (t.shape, t.dtype) for name, t in self.tracked.tensors.items()}
             self._rebuild(tensors, averaged, trained, promote=())
             self.tracked.check_same_structure(self.group, self.object_group)
             fresh = [t for n, t in self.tracked.tensors.items() if known.get(n) != (t.shape, t.dtype)]
-            fresh_floating = [t for t in fresh if t.is_floating_point()]
-            if fresh_floating:
-                flags = differs_across_ranks(checksums(fresh_floating), self.group)
-                differing = [t for t, differs in zip(fresh_floating, flags) if differs]
-                if differing:
-                    average_tensors(differing, self.group)
-                    self._build(*self._named_state())
-        log.debug("HPSGDEngine: rebuilt over %d averaged and %d frozen tensors", len(self.replica),
-                  len(self.tracked.frozen))  # fmt: skip
+            if average_if_different([t for t in fresh if t.is_floating_point()], self.group):
+                self._build(*self._named_state())
+        log.debug("HPSGDEngine: rebuilt over %d averaged tensors", len(self.replica))
         return True
 
     def _named_state(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """``G`` and ``M`` by name: they survive a rebuild of the buffers."""
-        names = self.tracked.names
-        return dict(zip(names, self._global_views)), dict(zip(names, self.outer.views))
+        return self.buffers.named_global(), dict(zip(self.tracked.names, self.outer.views))
 
     def _rebuild(
         self,
@@ -401,29 +367,12 @@ class HPSGDEngine:
         layout = self.layout
         self.wire = Wire(layout.numel, layout.dtype, self.device, comm_dtype=self._comm_dtype_option,
                          group=self.group, nodes=self.nodes, timeout=self.timeout)  # fmt: skip
-        self.global_ = layout.new_buffer()
-        self.start = layout.new_buffer()
-        self._global_views = layout.views(self.global_)
-        self._start_views = layout.views(self.start)
+        self.buffers = RuleBuffers(self.tracked, global_values)
+        self.global_, self.start = self.buffers.global_, self.buffers.start
         self.outer = OuterStep(*self._outer_options, layout, self.tracked.num_trained)
         self.outer.load_state_dict(momentum_values, self.tracked.names)
         self.stats.bytes_per_round = self.wire.bytes_per_round
         self.stats.promoted = len(self.tracked.promoted)
-        with torch.no_grad():
-            torch._foreach_copy_(self._start_views, self.replica)
-            self.global_.copy_(self.start)
-            self._restore_global(global_values)
-
-    def _restore_global(self, values: Mapping[str, Tensor]) -> int:
-        restored = 0
-        for name, tensor, view in zip(self.tracked.names, self.replica, self._global_views):
-            saved = values.get(name)
-            if saved is not None and saved.shape == view.shape:
-                saved = saved.to(device=view.device, dtype=view.dtype)
-                if torch.equal(saved.to(tensor.dtype), tensor):
-                    view.copy_(saved)
-                    restored += 1
-        return restored
 
     # ------------------------------------------------------------------ state
 
@@ -436,13 +385,8 @@ class HPSGDEngine:
         the current ``H`` and the step that ends the current round.
         Stop requests are not part of it: a run resumed from a preemption checkpoint must not stop again.
         """
-        narrow = {
-            name: view.detach().cpu().clone()
-            for name, tensor, view in zip(self.tracked.names, self.replica, self._global_views)
-            if tensor.dtype != self.layout.dtype
-        }
         state: dict[str, Any] = {
-            "global": narrow,
+            "global": self.buffers.narrow_global(),
             "promoted": sorted(self.tracked.promoted),
             "stats": self.stats.to_dict(),
         }
@@ -462,9 +406,8 @@ class HPSGDEngine:
         """
         promoted = set(state.get("promoted", ())) & set(self.tracked.tensors)
         if promoted - self.tracked.promoted:
-            t = self.tracked
-            self._rebuild(t.tensors, t.always, t.trained, promote=promoted)
-        restored = self._restore_global(state.get("global", {}))
+            self._rebuild(self.tracked.tensors, self.tracked.always, self.tracked.trained, promote=promoted)
+        restored = self.buffers.restore_global(state.get("global", {}))
         if "stats" in state:
             self.stats = EngineStats.from_dict(state["stats"])
             self.stats.bytes_per_round = self.wire.bytes_per_round
@@ -503,7 +446,6 @@ class HPSGDEngine:
         No collective runs here, since the error may have hit one rank only and the others may never answer.
         """
         if self.pending is not None:
-            log.debug("HPSGDEngine: abandoning the all-reduce of step %d", self.pending.step)
             self._abandoned = self.pending
         self.pending = None
         self.aborted = True
@@ -512,45 +454,21 @@ class HPSGDEngine:
         """Measure ``‖R − G‖ / ‖G‖`` at the next sync point (two extra passes over the model, on that round only)."""
         self._drift_requested = True
 
-    def _measure_drift(self) -> None:
-        # One tensor at a time, so the scratch is the largest tensor, not a flat copy of the model.
-        self._drift_requested = False
-        squares = torch.zeros((), dtype=self.layout.dtype, device=self.device)
-        for replica, global_ in zip(self.replica, self._global_views):
-            squares += torch.sub(replica, global_).square().sum(dtype=self.layout.dtype)
-        norm = torch.linalg.vector_norm(self.global_).clamp_min(torch.finfo(self.layout.dtype).tiny)
-        self.stats.last_drift = squares.sqrt() / norm
-
-    def _record_round(self, pending: Round, step: int, waited: float) -> None:
-        self.stats.overlapped_rounds += 1
-        self.stats.last_staleness_steps = step - pending.step
-        self.stats.staleness_steps += self.stats.last_staleness_steps
-        for wait, comm in self.wire.times(pending, waited):
-            self._add_timing(wait, comm)
-
-    def _add_timing(self, wait: float, comm: float) -> None:
-        self.schedule.record_comm(comm, wait)
-        self.stats.add_timing(wait, comm)
-
-    @contextmanager
-    def _exclusive(self, what: str) -> Iterator[None]:
-        if self.aborted:
-            raise HPSGDError("HPSGD: this engine was abandoned after an error; create a new one to train again.")
-        if self._busy:
-            self.aborted = True
-            raise HPSGDReentryError(
-                f"HPSGD: a {what} was requested while another sync point or flush was running on this rank, most"
-                " likely from a signal handler (e.g. SLURM auto-requeue saving a checkpoint). Ranks cannot agree"
-                " on such a point; save checkpoints from training hooks, or disable auto-requeue"
-                " (SLURMEnvironment(auto_requeue=False))."
-            )
-        self._busy = True
-        try:
-            yield
-        finally:
-            self._busy = False
+    def _record_times(self, times: Iterable[tuple[float, float]]) -> None:
+        for wait, comm in times:  # (wait, comm) seconds of each round timed since the last call
+            self.schedule.record_comm(comm, wait)
+            self.stats.add_timing(wait, comm)
 
     # ------------------------------------------------------------------ views of the parts
+
+    @property
+    def aborted(self) -> bool:
+        """Whether the engine gave up after an error: it refuses every further collective."""
+        return self.guard.aborted
+
+    @aborted.setter
+    def aborted(self, value: bool) -> None:
+        self.guard.aborted = value
 
     @property
     def sync_every(self) -> int:

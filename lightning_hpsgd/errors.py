@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 __all__ = [
     "HPSGDCommunicationError",
     "HPSGDError",
@@ -9,6 +12,7 @@ __all__ = [
     "NonFiniteUpdateError",
     "RanksDivergedError",
     "RanksOutOfStepError",
+    "SectionGuard",
 ]
 
 
@@ -42,3 +46,34 @@ def communication_error(what: str, rank: int, err: BaseException) -> HPSGDCommun
         f"HPSGD: {what} failed on rank {rank}: {err}. A peer process probably died, hung past the process group"
         " timeout, or lost its network. Check the other ranks' logs; resume from the last checkpoint."
     )
+
+
+class SectionGuard:
+    """One sync point, flush or rebuild at a time on a rank, and none once the engine gave up (``aborted``).
+
+    A section entered again while one runs (from a signal handler) cannot be agreed on by the ranks: it raises
+    [`HPSGDReentryError`][lightning_hpsgd.errors.HPSGDReentryError] and aborts.
+    """
+
+    def __init__(self) -> None:
+        self.aborted = False
+        self._busy = False
+
+    @contextmanager
+    def __call__(self, what: str) -> Iterator[None]:
+        """Run the section named ``what`` (a "sync point", "flush" or "rebuild")."""
+        if self.aborted:
+            raise HPSGDError("HPSGD: this engine was abandoned after an error; create a new one to train again.")
+        if self._busy:
+            self.aborted = True
+            raise HPSGDReentryError(
+                f"HPSGD: a {what} was requested while another sync point or flush was running on this rank, most"
+                " likely from a signal handler (e.g. SLURM auto-requeue saving a checkpoint). Ranks cannot agree"
+                " on such a point; save checkpoints from training hooks, or disable auto-requeue"
+                " (SLURMEnvironment(auto_requeue=False))."
+            )
+        self._busy = True
+        try:
+            yield
+        finally:
+            self._busy = False

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 import torch.distributed as dist
+from torch import Tensor
 
 from lightning_hpsgd.errors import RanksDivergedError
 from lightning_hpsgd.tensor_utils import average_tensors, checksums, differs_across_ranks
@@ -19,7 +20,7 @@ from lightning_hpsgd.tracked import TrackedTensors
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_identical"]
+__all__ = ["average_if_different", "check_identical"]
 
 
 def check_identical(tracked: TrackedTensors, group: dist.ProcessGroup | None, step: int) -> list[str]:
@@ -55,3 +56,14 @@ def check_identical(tracked: TrackedTensors, group: dist.ProcessGroup | None, st
         changed[0][0],
     )
     return [n for n, _ in changed]
+
+
+def average_if_different(tensors: list[Tensor], group: dist.ProcessGroup | None) -> bool:
+    """Average those of ``tensors`` (floating-point) that differ across ranks, in place. A collective unless
+    ``tensors`` is empty, which it is on every rank or none when the ranks' structures agree. Returns whether any
+    differed."""
+    flags = differs_across_ranks(checksums(tensors), group) if tensors else []
+    differing = [t for t, differs in zip(tensors, flags) if differs]
+    if differing:
+        average_tensors(differing, group)
+    return bool(differing)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Literal
 
 import torch
@@ -12,8 +13,10 @@ __all__ = [
     "HIERARCHIES",
     "MERGE_MODES",
     "MergeMode",
+    "START_METHODS",
     "SyncEvery",
     "resolve_comm_dtype",
+    "validate_launch",
     "validate_options",
 ]
 
@@ -22,6 +25,7 @@ MERGE_MODES: tuple[str, ...] = ("replica", "stale")
 SyncEvery = int | Literal["auto"]
 HIERARCHIES: tuple[str | None, ...] = (None, "node")
 DEFAULT_MAX_SYNC_EVERY = 32
+START_METHODS: tuple[str, ...] = ("popen", "spawn", "fork", "forkserver")
 COMM_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "float32": torch.float32,
@@ -103,3 +107,14 @@ def validate_options(
             f"hierarchy must be None (flat HPSGD: every rank a worker) or 'node' (synchronous inside a node, HPSGD"
             f" across nodes); received {hierarchy!r}."
         )
+
+
+def validate_launch(start_method: str, timeout: timedelta | float | None) -> timedelta | None:
+    """Check the launcher's start method and the process-group timeout; returns the timeout as a ``timedelta``."""
+    if start_method not in START_METHODS:
+        raise ValueError(f"start_method must be one of {list(START_METHODS)}; received {start_method!r}.")
+    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        timeout = timedelta(seconds=timeout)
+    if timeout is not None and (not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0):
+        raise ValueError(f"timeout must be a positive timedelta or number of seconds; received {timeout!r}.")
+    return timeout

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lightning_hpsgd.errors import NonFiniteUpdateError, RanksOutOfStepError
 
-__all__ = ["FIELDS", "Slot", "StopRequest", "check_steps", "decode", "encode", "non_finite_error", "size"]
+__all__ = ["FIELDS", "Slot", "StopRequest", "check_steps", "decode", "encode", "non_finite_error", "read_round", "size"]
 
 # Per rank: step code high bits, low bits, non-finite flag, stop request, step, communication and wait times.
 FIELDS = 7
@@ -154,3 +154,17 @@ def non_finite_error(
         " gradients (Trainer(gradient_clip_val=...)), or check the data of that step; with comm_dtype=float16,"
         " values beyond ±65504 overflow, so try bfloat16."
     )
+
+
+def read_round(
+    values: Sequence[int], sum_is_finite: bool, *, where: Callable[[], str], comm_dtype: torch.dtype, merged: bool
+) -> list[Slot]:
+    """Decode a merged round's side channel and check it: every rank reads the same slots, so every rank raises the
+    same error ([`check_steps`][lightning_hpsgd.side_channel.check_steps], then
+    [`non_finite_error`][lightning_hpsgd.side_channel.non_finite_error]) or returns the same slots."""
+    slots = decode(values)
+    check_steps(slots)
+    error = non_finite_error(slots, sum_is_finite, where=where, comm_dtype=comm_dtype, merged=merged)
+    if error is not None:
+        raise error
+    return slots

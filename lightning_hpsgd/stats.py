@@ -71,6 +71,12 @@ class EngineStats:
             stats.last_drift = torch.tensor(float(stats.last_drift))
         return stats
 
+    def add_staleness(self, steps: int) -> None:
+        """Count one overlapped round, merged ``steps`` optimizer steps after its launch."""
+        self.overlapped_rounds += 1
+        self.last_staleness_steps = steps
+        self.staleness_steps += steps
+
     def add_timing(self, wait_seconds: float, comm_seconds: float) -> None:
         """Count one timed round."""
         self.timed_rounds += 1

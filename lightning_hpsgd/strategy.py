@@ -26,6 +26,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.plugins import LayerSync
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
@@ -46,10 +47,17 @@ from lightning_hpsgd.checkpoint import (
 from lightning_hpsgd.engine import HPSGDEngine
 from lightning_hpsgd.model_tensors import ModelWatcher, averaged_names, model_tensors, trained_names
 from lightning_hpsgd.monitor import HPSGDMonitor
-from lightning_hpsgd.options import DEFAULT_MAX_SYNC_EVERY, MergeMode, resolve_comm_dtype, validate_options
+from lightning_hpsgd.options import (
+    DEFAULT_MAX_SYNC_EVERY,
+    MergeMode,
+    resolve_comm_dtype,
+    validate_launch,
+    validate_options,
+)
 from lightning_hpsgd.refusals import reject_sharded_optimizers, reject_unsupported_model
 from lightning_hpsgd.stats import EngineStats
 from lightning_hpsgd.stops import StopCoordinator
+from lightning_hpsgd.wire import NodeGroups
 
 log = logging.getLogger(__name__)
 
@@ -151,14 +159,7 @@ class HPSGDStrategy(DDPStrategy):
         max_sync_every = DEFAULT_MAX_SYNC_EVERY if max_sync_every is None else max_sync_every
         validate_options(sync_every, merge, max_sync_every=max_sync_every, outer_lr=outer_lr,
                          outer_momentum=outer_momentum, outer_nesterov=outer_nesterov, hierarchy=hierarchy)  # fmt: skip
-        if start_method not in ("popen", "spawn", "fork", "forkserver"):
-            raise ValueError(
-                f"start_method must be one of ['popen', 'spawn', 'fork', 'forkserver']; received {start_method!r}."
-            )
-        if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
-            timeout = timedelta(seconds=timeout)
-        if timeout is not None and (not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0):
-            raise ValueError(f"timeout must be a positive timedelta or number of seconds; received {timeout!r}.")
+        timeout = validate_launch(start_method, timeout)
         if kwargs and hierarchy is None:
             rank_zero_warn(f"HPSGD: DDP options {sorted(kwargs)} have no effect without hierarchy='node'.")
         super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
@@ -235,7 +236,7 @@ class HPSGDStrategy(DDPStrategy):
             if self._groups is None:
                 node_rank = self.node_rank if self.hierarchy == "node" else None
                 self._groups = process_groups.RunGroups(self.process_group_backend, self._timeout, node_rank)
-            self._sync_batchnorm()
+            self.model = _sync_batchnorm(self.model, self._layer_sync, self._groups.nodes)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if fitting:
@@ -327,13 +328,6 @@ class HPSGDStrategy(DDPStrategy):
             return
         nodes = self._groups.nodes if self._groups is not None else None
         local_size = nodes.local_size if nodes is not None else 1
-        if saved["world_size"] != self.world_size or saved.get("local_size", 1) != local_size:
-            rank_zero_warn(
-                f"HPSGD: the checkpoint was written by {saved['world_size']} ranks and is resumed on"
-                f" {self.world_size} (or on another number per node). Each worker starts from the mean of the saved"
-                " optimizer states (momentum, Adam moments) and GradScaler scales, so the run will not continue"
-                " exactly as the original would have."
-            )
         optimizers = [_unwrap(opt) for opt in self.optimizers]
         restore_per_rank_state(saved, optimizers, self.precision_plugin, self.global_rank, self.world_size, local_size)
         compat.optimizers_to_device(optimizers, self.root_device)
@@ -418,21 +412,6 @@ class HPSGDStrategy(DDPStrategy):
             flush=self.flush, forget_groups=self._groups.forget,
         )  # fmt: skip
 
-    def _sync_batchnorm(self) -> None:
-        if not self._layer_sync:
-            return
-        nodes = self._groups.nodes if self._groups is not None else None
-        if nodes is not None:
-            # Inside a node the ranks are synchronous anyway: their BatchNorm statistics sync on the node's group.
-            if nodes.node is not None:
-                self.model = SyncBatchNorm.convert_sync_batchnorm(self.model, process_group=nodes.node)
-            return
-        rank_zero_warn(
-            "HPSGD: sync_batchnorm=True makes every forward pass wait for the other ranks, which HPSGD cannot"
-            " hide behind compute. BatchNorm statistics are averaged at every sync point without it."
-        )
-        self.model = self._layer_sync.apply(self.model)
-
     def _follow_model(self) -> None:
         """Hand the engine the module's tensors again if any was replaced, (un)frozen, added or removed."""
         module = self.lightning_module
@@ -480,6 +459,20 @@ class _HPSGDHooks(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if self._strategy._stops is not None:
             self._strategy._stops.stop_or_abandon(exception)
+
+
+def _sync_batchnorm(model: Module, layer_sync: LayerSync | None, nodes: NodeGroups | None) -> Module:
+    """``sync_batchnorm=True``: with ``hierarchy="node"``, on the node's group (node-mates are synchronous anyway);
+    flat, on every rank, with a warning that it costs a collective per forward pass."""
+    if not layer_sync:
+        return model
+    if nodes is not None:
+        return SyncBatchNorm.convert_sync_batchnorm(model, process_group=nodes.node) if nodes.node else model
+    rank_zero_warn(
+        "HPSGD: sync_batchnorm=True makes every forward pass wait for the other ranks, which HPSGD cannot"
+        " hide behind compute. BatchNorm statistics are averaged at every sync point without it."
+    )
+    return layer_sync.apply(model)
 
 
 def _unwrap(optimizer: Optimizer) -> Optimizer:

@@ -38,6 +38,13 @@ class NodeGroups:
     local_size: int
     num_nodes: int
 
+    def check(self, world_size: int) -> None:
+        """Raise unless ``num_nodes`` nodes of ``local_size`` ranks make ``world_size`` ranks."""
+        if self.local_size * self.num_nodes != world_size:
+            raise ValueError(
+                f"HPSGD: {self.num_nodes} nodes of {self.local_size} ranks do not make the group's {world_size} ranks."
+            )
+
 
 @dataclass
 class Round:

@@ -147,17 +147,14 @@ def test_sync_batchnorm_under_hierarchy_converts_to_the_node_group(one_rank_grou
     import torch.distributed as dist
     from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 
-    from lightning_hpsgd import HPSGDStrategy
     from lightning_hpsgd.process_groups import RunGroups
+    from lightning_hpsgd.strategy import _sync_batchnorm
 
-    strategy = HPSGDStrategy(hierarchy="node")
-    strategy._layer_sync = TorchSyncBatchNorm()
-    strategy._groups = RunGroups("gloo", None, node_rank=0)
+    groups = RunGroups("gloo", None, node_rank=0)
     node = dist.new_group([0])  # stands in for a node of several ranks (a one-rank node has no node group)
-    strategy._groups.nodes = type(strategy._groups.nodes)(node, strategy._groups.nodes.across, 0, 1, 1)
-    strategy.model = build_net(batchnorm=True)
-    strategy._sync_batchnorm()
-    (converted,) = [m for m in strategy.model.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+    nodes = type(groups.nodes)(node, groups.nodes.across, 0, 1, 1)
+    model = _sync_batchnorm(build_net(batchnorm=True), TorchSyncBatchNorm(), nodes)
+    (converted,) = [m for m in model.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
     assert converted.process_group is node
 
 

@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 from lightning_hpsgd import side_channel
-from lightning_hpsgd.errors import RanksOutOfStepError
+from lightning_hpsgd.buffers import RuleBuffers
+from lightning_hpsgd.errors import (
+    HPSGDError,
+    HPSGDReentryError,
+    NonFiniteUpdateError,
+    RanksOutOfStepError,
+    SectionGuard,
+)
 from lightning_hpsgd.model_tensors import ModelWatcher, averaged_names, model_tensors, trained_names
 from lightning_hpsgd.outer import OuterStep
 from lightning_hpsgd.side_channel import StopRequest
@@ -15,9 +22,10 @@ from lightning_hpsgd.tensor_utils import FlatLayout
 from lightning_hpsgd.tracked import TrackedTensors
 
 
-def encode(meta, rank, step=7, is_flush=False, non_finite=False, stop=0, step_s=None, comm_s=None):
+def encode(meta, rank, step=7, is_flush=False, non_finite=False, stop=0, step_s=None, comm_s=None, wait_s=None):
     side_channel.encode(meta, rank, step=step, is_flush=is_flush, non_finite=torch.tensor(non_finite),
-                        stop=StopRequest(stop), step_seconds=step_s, comm_seconds=comm_s)  # fmt: skip
+                        stop=StopRequest(stop), step_seconds=step_s, comm_seconds=comm_s,
+                        wait_seconds=wait_s)  # fmt: skip
 
 
 def test_side_channel_round_trips_every_field_exactly_in_fp32():
@@ -27,7 +35,7 @@ def test_side_channel_round_trips_every_field_exactly_in_fp32():
     for rank in range(world):
         one = torch.zeros_like(total)
         encode(one, rank, step=big_step, non_finite=rank == 2, stop=int(StopRequest.FINISH) * (rank == 1),
-               step_s=0.0123 * (rank + 1), comm_s=0.5)  # fmt: skip
+               step_s=0.0123 * (rank + 1), comm_s=0.5, wait_s=0.001 * rank)  # fmt: skip
         total += one
     slots = side_channel.decode([int(v) for v in total.tolist()])
     assert [s.step for s in slots] == [big_step] * 3
@@ -35,7 +43,60 @@ def test_side_channel_round_trips_every_field_exactly_in_fp32():
     assert [s.stop for s in slots] == [StopRequest(0), StopRequest.FINISH, StopRequest(0)]
     assert [round(s.step_seconds, 5) for s in slots] == [0.0123, 0.0246, 0.0369]
     assert all(s.comm_seconds == pytest.approx(0.5) for s in slots)
+    assert [round(s.wait_seconds, 5) for s in slots] == [0.0, 0.001, 0.002]
     side_channel.check_steps(slots)
+
+
+def test_read_round_returns_the_slots_or_raises_the_same_error_from_any_rank():
+    total = torch.zeros(side_channel.size(2), dtype=torch.int64)
+    for rank in range(2):
+        one = torch.zeros_like(total)
+        encode(one, rank, non_finite=rank == 1)
+        total += one
+    values = total.tolist()
+    with pytest.raises(NonFiniteUpdateError, match=r"from rank\(s\) \[1\].*first in parameter 'w'"):
+        side_channel.read_round(values, True, where=lambda: "w", comm_dtype=torch.float32, merged=False)
+    ok = torch.zeros_like(total)
+    for rank in range(2):
+        one = torch.zeros_like(total)
+        encode(one, rank, stop=int(StopRequest.FINISH) * rank)
+        ok += one
+    slots = side_channel.read_round(ok.tolist(), True, where=lambda: "w", comm_dtype=torch.float32, merged=False)
+    assert [s.stop for s in slots] == [StopRequest(0), StopRequest.FINISH]
+
+
+def test_section_guard_refuses_reentry_and_everything_after_an_abort():
+    guard = SectionGuard()
+    with guard("flush"):
+        with pytest.raises(HPSGDReentryError, match="a sync point was requested while another"):
+            with guard("sync point"):
+                pass
+    assert guard.aborted
+    with pytest.raises(HPSGDError, match="abandoned after an error"):
+        with guard("flush"):
+            pass
+
+
+def test_rule_buffers_hold_delta_rebase_a_narrow_replica_and_keep_g_bits():
+    """``S ← R − S`` gives Δ; ``R ← S`` into a bf16 replica rounds, and ``S`` re-reads it so the next Δ is only the
+    optimizer's progress; ``G`` of a narrow tensor comes back from saved values only where they round to ``R``."""
+    w = torch.tensor([1.0, 2.0], dtype=torch.bfloat16)
+    b = torch.tensor([0.5], dtype=torch.float32)
+    tracked = TrackedTensors({"w": w, "b": b})
+    buffers = RuleBuffers(tracked)
+    assert buffers.global_.dtype == torch.float32 and torch.equal(buffers.global_, buffers.start)
+    w += 1.0
+    b -= 0.25
+    buffers.delta_into_start()
+    assert buffers.start.tolist() == [1.0, 1.0, -0.25]
+    buffers.start.copy_(torch.tensor([1.001, 2.0, 0.25]))  # G + Δ, finer than bf16
+    buffers.write_replica()
+    assert w.tolist() == [1.0, 2.0] and buffers.start.tolist() == [1.0, 2.0, 0.25]  # S = R as rounded
+    saved = {"w": torch.tensor([1.001, 2.0]), "b": torch.tensor([9.0])}  # b: stale (does not round to R)
+    assert buffers.restore_global(saved) == 1
+    assert buffers.global_views[0].tolist() == pytest.approx([1.001, 2.0]) and buffers.global_views[1].item() != 9.0
+    assert set(buffers.narrow_global()) == {"w"}
+    assert float(buffers.drift()) > 0
 
 
 def test_side_channel_names_every_rank_out_of_step_and_the_non_finite_source():

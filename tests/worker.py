@@ -372,7 +372,7 @@ def scenario_engine(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
             if args.get("mid_flush_at") == step:
                 engine.flush(step)
             if args.get("reenter_at_step") == step:
-                with engine._exclusive("sync point"):  # as if a signal handler interrupted a sync point
+                with engine.guard("sync point"):  # as if a signal handler interrupted a sync point
                     engine.flush(step)
         engine.flush(step)
         for _ in range(args.get("extra_flushes", 0)):  # flushes with no step in between (validation, checkpoint)
