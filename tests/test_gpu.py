@@ -105,3 +105,54 @@ def test_gpu_benchmark_runs_two_ranks_on_the_gpus_here(tmp_path):
     report = json.loads((tmp_path / "gpu.json").read_text())
     hpsgd = report["modes"]["hpsgd"]
     assert hpsgd["rounds_timed"] == 12 and hpsgd["comm_ms"] > 0.05  # events time the all-reduce, not its enqueue
+
+
+def _time_rounds(rank: int, world: int, store_path: str, out: str) -> None:
+    """One rank of the NCCL timing check: the engine's measured comm time per round, and the same all-reduce timed
+    alone with events on the current stream (a microbenchmark)."""
+    import torch.distributed as dist
+
+    from lightning_hpsgd.engine import HPSGDEngine
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    try:
+        w = torch.zeros(32 * 2**20, device="cuda")  # 128 MB: an all-reduce of milliseconds on any link
+        engine = HPSGDEngine({"w": w}, sync_every=1)
+        x = torch.randn(2048, 2048, device="cuda")
+        for step in range(1, 9):
+            w.add_(1e-3)
+            for _ in range(20):  # compute for the all-reduce to hide behind
+                x = torch.tanh(x @ x)
+            engine.on_optimizer_step(step)
+        engine.flush(9)
+        stats = engine.stats
+        buf = torch.ones_like(w)
+        alone = []
+        for _ in range(5):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            dist.all_reduce(buf)
+            end.record()
+            end.synchronize()
+            alone.append(begin.elapsed_time(end) / 1000)
+        result = {"timed": stats.timed_rounds, "overlapped": stats.overlapped_rounds,
+                  "comm": stats.comm_seconds / max(stats.timed_rounds, 1), "alone": sorted(alone)[2]}  # fmt: skip
+        torch.save(result, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs for an NCCL all-reduce that moves data")
+def test_nccl_events_time_the_all_reduce_itself(tmp_path):
+    """On NCCL the all-reduce runs on NCCL's own stream: the engine's events must time it there (the end event after
+    the side stream waited for it), so ``comm_ms`` is about what the same all-reduce takes alone, not ~0, and every
+    overlapped round is timed once the flush drained the events."""
+    import torch.multiprocessing as mp
+
+    world = 2
+    mp.spawn(_time_rounds, args=(world, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=world)
+    for rank in range(world):
+        r = torch.load(tmp_path / f"out.{rank}")
+        assert r["timed"] == r["overlapped"] == 7, r
+        assert r["comm"] >= 0.5 * r["alone"], r  # the enqueue alone (the old events) takes microseconds
