@@ -15,6 +15,7 @@ and what HPSGD refuses in [`lightning_hpsgd.refusals`][].
 
 from __future__ import annotations
 
+import inspect
 import logging
 from datetime import timedelta
 from typing import Any, Literal
@@ -160,8 +161,8 @@ class HPSGDStrategy(DDPStrategy):
         validate_options(sync_every, merge, max_sync_every=max_sync_every, outer_lr=outer_lr,
                          outer_momentum=outer_momentum, outer_nesterov=outer_nesterov, hierarchy=hierarchy)  # fmt: skip
         timeout = validate_launch(start_method, timeout)
-        if kwargs and hierarchy is None:
-            rank_zero_warn(f"HPSGD: DDP options {sorted(kwargs)} have no effect without hierarchy='node'.")
+        if hierarchy is None and (changed := _changed_ddp_options(kwargs)):
+            rank_zero_warn(f"HPSGD: DDP options {changed} have no effect without hierarchy='node'.")
         super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
                          cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
                          precision_plugin=precision_plugin, process_group_backend=process_group_backend,
@@ -473,6 +474,17 @@ def _sync_batchnorm(model: Module, layer_sync: LayerSync | None, nodes: NodeGrou
         " hide behind compute. BatchNorm statistics are averaged at every sync point without it."
     )
     return layer_sync.apply(model)
+
+
+def _changed_ddp_options(kwargs: dict[str, Any]) -> list[str]:
+    """The DDP options in ``kwargs`` set to something other than their defaults (LightningCLI passes every one)."""
+    defaults = {
+        name: p.default
+        for fn in (DDPStrategy.__init__, torch.nn.parallel.DistributedDataParallel.__init__)
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    return sorted(k for k, v in kwargs.items() if k not in defaults or v is not defaults[k] and v != defaults[k])
 
 
 def _unwrap(optimizer: Optimizer) -> Optimizer:

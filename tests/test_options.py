@@ -156,3 +156,29 @@ def test_max_sync_every_with_a_fixed_sync_every_warns_and_ddp_options_without_hi
         HPSGDStrategy(find_unused_parameters=True)
     strategy = HPSGDStrategy(hierarchy="node", find_unused_parameters=True, static_graph=False)
     assert strategy._ddp_kwargs == {"find_unused_parameters": True, "static_graph": False}
+
+
+def test_ddp_options_from_a_lightningcli_config_reach_the_node_wrapper_and_defaults_do_not_warn():
+    """jsonargparse passes every DDP keyword with its default: only options set to something else warn."""
+    import warnings
+
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import Strategy
+
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(Strategy, "strategy")
+
+    def build(init_args):
+        strategy = {"class_path": "lightning_hpsgd.HPSGDStrategy", "init_args": init_args}
+        config = parser.parse_object({"strategy": strategy})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            strategy = parser.instantiate(config).strategy
+        return strategy, [str(w.message) for w in caught if "HPSGD" in str(w.message)]
+
+    strategy, warned = build({"sync_every": 2})
+    assert warned == [] and strategy.sync_every == 2
+    strategy, warned = build({"hierarchy": "node", "find_unused_parameters": True})
+    assert warned == [] and strategy._ddp_kwargs["find_unused_parameters"] is True
+    _, warned = build({"find_unused_parameters": True})
+    assert warned == ["HPSGD: DDP options ['find_unused_parameters'] have no effect without hierarchy='node'."]
