@@ -207,3 +207,16 @@ def test_a_link_slower_than_asked_at_full_speed_is_reported_not_throttled():
     assert "--channels" in warning
     assert _ratio_out_of_reach(fast_cpu, BenchConfig(comm_ratio=2.0)) is None  # reachable: throttle to it
     assert _ratio_out_of_reach(fast_cpu, BenchConfig(comm_ratio=1.0, link_mbit=100.0)) is None  # the user fixed it
+
+
+def test_checksum_benchmark_reports_every_method_on_both_cases():
+    """`bench checksum`, one repeat: the new and the old checksum and the plain sum, on ResNet-50 and 300 x 64."""
+    cmd = [sys.executable, "-m", "lightning_hpsgd.bench", "checksum", "--repeats", "1", "--min-seconds", "0",
+           "--threads", "1"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("checksums against a plain sum on cpu (1 threads), median of 1 repeats")
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    assert set(rows) == {"resnet50", "300"}
+    assert rows["resnet50"][1:3] == ["267", "25610152"] and rows["300"][3:5] == ["300", "19200"]

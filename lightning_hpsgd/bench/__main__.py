@@ -6,6 +6,8 @@
 * ``python -m lightning_hpsgd.bench monitor``: HPSGD's step time with ``HPSGDMonitor`` on against off.
 * ``python -m lightning_hpsgd.bench gpu``: compute-only, DDP and HPSGD (H=1, H=4) on this machine's GPUs
   ([`lightning_hpsgd.bench.gpu`][]).
+* ``python -m lightning_hpsgd.bench checksum``: the post-flush checksum against a plain sum of the same tensors
+  ([`lightning_hpsgd.bench.checksum`][]).
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ def compare_main(args: Sequence[str]) -> None:
         description="HPSGD against DDP, post-local SGD and the compute-only limit, each worker in its own network"
         " namespace behind a rate-limited link (needs root and iproute2; otherwise loopback, with a warning)."
         " Writes bench.json, bench.md and bench.png to --out. Other benchmarks, named by the first argument:"
-        " 'overlap' (the engine alone), 'monitor' (HPSGDMonitor's cost), 'gpu' (CUDA/NCCL) and 'convergence'"
-        " (accuracy at equal steps, 2 to 8 workers); each has its own --help.",
+        " 'overlap' (the engine alone), 'monitor' (HPSGDMonitor's cost), 'gpu' (CUDA/NCCL), 'convergence'"
+        " (accuracy at equal steps, 2 to 8 workers) and 'checksum' (the post-flush check's cost); each has its own"
+        " --help.",
     )
     parser.add_argument("--workers", type=int, default=defaults.workers, help="worker processes (default %(default)s)")
     parser.add_argument("--nodes", type=int, help="simulated nodes, one namespace each, with workers / nodes"
@@ -121,6 +124,10 @@ def main(args: Sequence[str] | None = None) -> None:
         from lightning_hpsgd.bench.gpu import main as gpu_main
 
         gpu_main(argv[1:])
+    elif argv[:1] == ["checksum"]:
+        from lightning_hpsgd.bench.checksum import main as checksum_main
+
+        checksum_main(argv[1:])
     else:
         compare_main(argv)
 
