@@ -17,13 +17,15 @@ import atexit
 import json
 import multiprocessing
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -43,6 +45,69 @@ def base_env() -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.pop("LOCAL_RANK", None)
     return env
+
+
+def run_commands(
+    cmds: list[list[str]],
+    envs: list[dict[str, str] | None],
+    *,
+    timeout: float,
+    cwd: Path = ROOT,
+    merge_stderr: bool = False,
+) -> list[subprocess.CompletedProcess[str]]:
+    """Run the commands side by side until all have exited, as ``subprocess.run(capture_output=True, text=True)``
+    would run each, but each in a process group of its own and with its output in files (a full pipe never blocks a
+    rank that another one waits for). After ``timeout`` seconds for all of them together the test fails; then, as
+    after any run, each group is killed whole, so that no launcher's rank outlives the test.
+
+    ``timeout`` guards against a hang only: give it about 10 times what the commands take on an idle machine, so
+    that a machine busy with other work makes the test slow, never a failure.
+    """
+    streams = [(tempfile.TemporaryFile("w+"), None if merge_stderr else tempfile.TemporaryFile("w+")) for _ in cmds]
+    procs = [
+        subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=out, stderr=err or subprocess.STDOUT, text=True, start_new_session=True
+        )
+        for cmd, env, (out, err) in zip(cmds, envs, streams)
+    ]
+    deadline = time.monotonic() + timeout
+    try:
+        for proc, (out, err) in zip(procs, streams):
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                output = f"{_read(out)[-3000:]}{_read(err)[-3000:]}"
+                raise AssertionError(f"{proc.args} still running after {timeout} s:\n{output}") from None
+        return [
+            subprocess.CompletedProcess(proc.args, proc.returncode, _read(out), None if err is None else _read(err))
+            for proc, (out, err) in zip(procs, streams)
+        ]
+    finally:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever is left in its group: nothing, after a clean run
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        for pair in streams:
+            for stream in pair:
+                if stream is not None:
+                    stream.close()
+
+
+def _read(stream: IO[str] | None) -> str:
+    if stream is None:
+        return ""
+    stream.seek(0)
+    return stream.read()
+
+
+def run_command(
+    cmd: list[str], *, timeout: float, cwd: Path = ROOT, env: dict[str, str] | None = None, merge_stderr: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """One command, as :func:`run_commands` runs it."""
+    (done,) = run_commands([cmd], [env], timeout=timeout, cwd=cwd, merge_stderr=merge_stderr)
+    return done
 
 
 _FORKSERVER: list[Any] = []

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from lightning_hpsgd.bench.worker import STRATEGIES
-from tests.launch import ROOT, base_env
+from tests.launch import ROOT, base_env, run_command
 
 CAN_MAKE_NAMESPACES = os.geteuid() == 0 and shutil.which("ip") is not None and shutil.which("tc") is not None
 
@@ -70,7 +70,42 @@ def test_summary_aggregates_repeats_by_median_and_ratios_from_medians():
     assert d["blocked_fraction"] == pytest.approx(1 - 0.009 / 0.021)
 
 
-@pytest.mark.timeout(400)
+# Limits on the benchmark's commands, about 10 times what each takes on an idle 2-core machine running the suite two
+# tests at a time, so that a machine busy with other work makes a test slow, never a failure (nothing here asserts
+# speed): about 210 s for the quick run (up to 10 runs of 2 fresh worker processes, calibration included), 30 s for
+# `bench gpu` on CPU, 50 s for `bench convergence --quick` (a few seconds for its rerun, which only reads the
+# finished runs). A hung worker ends sooner: the benchmark kills a run after its own run_timeout_s. Each test's own
+# limit leaves time to stop the command cleanly.
+QUICK_RUN_TIMEOUT_S = 2100
+GPU_MODE_TIMEOUT_S = 300
+CONVERGENCE_TIMEOUT_S = 500
+RERUN_TIMEOUT_S = 240
+
+
+def run_to_the_end(cmd: list[str], timeout: float) -> tuple[subprocess.Popen, str]:
+    """Run the benchmark in a process group of its own. After ``timeout`` s: SIGTERM (the benchmark removes its
+    namespaces), then SIGKILL to the whole group, workers included, so that nothing outlives the test."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            out = ""
+        pytest.fail(f"the benchmark was still running after {timeout} s:\n{out[-4000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left in its group: nothing, after a clean run
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    return proc, out
+
+
+@pytest.mark.timeout(QUICK_RUN_TIMEOUT_S + 120)
 def test_quick_run_reports_every_strategy_with_ratios_from_the_raw_timings(tmp_path):
     """One short end-to-end run of three strategies (calibration, throttled link, both phases, the report files)."""
     names = ["hpsgd", "ddp", "compute-only"]
@@ -79,8 +114,7 @@ def test_quick_run_reports_every_strategy_with_ratios_from_the_raw_timings(tmp_p
     cmd = [sys.executable, "-m", "lightning_hpsgd.bench", "--quick", "--channels", "4", "--steps", "30",
            "--val-every", "15", "--out", str(tmp_path / "report"), "--data-dir", str(tmp_path / "mnist1d"),
            "--comm-ratio", "10", "--strategies", *names]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out, _ = proc.communicate(timeout=360)
+    proc, out = run_to_the_end(cmd, QUICK_RUN_TIMEOUT_S)
     assert proc.returncode == 0, out[-4000:]
     report = json.loads((tmp_path / "report" / "bench.json").read_text())
 
@@ -115,6 +149,7 @@ def test_quick_run_reports_every_strategy_with_ratios_from_the_raw_timings(tmp_p
 
 
 @pytest.mark.skipif(not CAN_MAKE_NAMESPACES, reason="needs root and iproute2")
+@pytest.mark.timeout(240 + 3 + 120 + 60)
 def test_namespaces_are_removed_when_the_run_is_stopped(tmp_path):
     cmd = [sys.executable, "-m", "lightning_hpsgd.bench", "--quick", "--channels", "4",
            "--out", str(tmp_path / "report"), "--data-dir", str(tmp_path / "mnist1d")]  # fmt: skip
@@ -123,13 +158,13 @@ def test_namespaces_are_removed_when_the_run_is_stopped(tmp_path):
     proc = subprocess.Popen(cmd, cwd=ROOT, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240  # data generated, namespaces made: under 15 s on an idle machine
         while not namespaces_of(proc.pid):
             assert proc.poll() is None and time.monotonic() < deadline, "the benchmark made no namespace"
             time.sleep(0.2)
-        time.sleep(3)  # into calibration, with workers running inside the namespaces
+        time.sleep(3)  # into calibration, with workers running inside the namespaces (on a busy machine, perhaps not)
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
+        out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -154,12 +189,13 @@ def test_workers_of_a_simulated_node_share_its_namespace_and_talk_across_nodes(t
         BenchConfig(workers=4, nodes=3)
 
 
+@pytest.mark.timeout(GPU_MODE_TIMEOUT_S + 60)
 def test_gpu_mode_reports_every_mode_on_cpu(tmp_path):
     """`bench gpu` with --device cpu: the same processes, modes and statistics as on a GPU, on a tiny MLP."""
     cmd = [sys.executable, "-m", "lightning_hpsgd.bench", "gpu", "--device", "cpu", "--model", "mlp", "--batch", "8",
            "--steps", "8", "--warmup", "4", "--precision", "32-true", "--out", str(tmp_path / "gpu.json"),
            "--profile", str(tmp_path / "trace")]  # fmt: skip
-    done = subprocess.run(cmd, cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=240)
+    done = run_command(cmd, env=base_env(), timeout=GPU_MODE_TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads((tmp_path / "gpu.json").read_text())
     assert set(report["modes"]) == {"compute-only", "ddp", "hpsgd", "hpsgd_h4"} and report["backend"] == "gloo"
@@ -176,13 +212,14 @@ def test_gpu_mode_reports_every_mode_on_cpu(tmp_path):
     assert (tmp_path / "trace" / "trace_hpsgd_h4_rank0.json").stat().st_size > 1000
 
 
+@pytest.mark.timeout(CONVERGENCE_TIMEOUT_S + RERUN_TIMEOUT_S + 60)
 def test_convergence_quick_run_trains_every_method_to_one_model_per_run(tmp_path):
     """`bench convergence --quick`: real worker processes run every method on both tasks; each run ends with one
     model on every rank, and the report has a table per task and a plot per task. A rerun skips finished runs."""
     out = tmp_path / "conv"
     cmd = [sys.executable, "-m", "lightning_hpsgd.bench", "convergence", "--quick", "--out", str(out),
            "--data-dir", str(tmp_path / "mnist1d")]  # fmt: skip
-    done = subprocess.run(cmd, cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=240)
+    done = run_command(cmd, env=base_env(), timeout=CONVERGENCE_TIMEOUT_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     methods = {(r["family"], r["sync_every"]) for r in results}
@@ -193,7 +230,7 @@ def test_convergence_quick_run_trains_every_method_to_one_model_per_run(tmp_path
     assert "## mnist1d: validation accuracy" in report and "## reverse: final training loss" in report
     assert "| hpsgd_outer H=4 |" in report
     assert (out / "convergence_mnist1d.png").stat().st_size > 10_000 and (out / "convergence_reverse.png").exists()
-    again = subprocess.run(cmd, cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=120)
+    again = run_command(cmd, env=base_env(), timeout=RERUN_TIMEOUT_S)
     assert again.returncode == 0 and "runs on" not in again.stdout
     assert len((out / "results.jsonl").read_text().splitlines()) == 10
 

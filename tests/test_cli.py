@@ -13,7 +13,7 @@ import pytest
 from lightning_hpsgd import HPSGDStrategy
 from lightning_hpsgd.cli import HPSGDCLI, UsageError, check_command_line, expand_strategy_names
 from lightning_hpsgd.wandb import find_run_files, read_run
-from tests.launch import ROOT, base_env
+from tests.launch import ROOT, base_env, run_command
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 MNIST1D = str(ROOT / "recipes" / "mnist1d.yaml")
@@ -117,15 +117,17 @@ def test_the_check_still_refuses_bad_strategy_options_in_one_line(where, option,
     assert str(error.value).startswith(message) and "\n" not in str(error.value), str(error.value)
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lightning_hpsgd", *args],
-        cwd=cwd,
-        env=base_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+# Limits on the commands, at least 10 times what each takes on an idle 2-core machine running the suite two tests
+# at a time, so that a machine busy with other work makes a test slow, never a failure: up to 10 s for a command
+# that stops at its arguments (CLI_TIMEOUT_S), up to 45 s for a fast_dev_run on two processes (CIFAR-10's
+# ResNet-18), about 95 s for the demo's 40 epochs.
+CLI_TIMEOUT_S = 240
+FAST_DEV_RUN_TIMEOUT_S = 450
+DEMO_TIMEOUT_S = 1000
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
+    return run_command([sys.executable, "-m", "lightning_hpsgd", *args], cwd=cwd, env=base_env(), timeout=timeout)
 
 
 # The baselines' YAML files are parsed by test_every_recipe_prints_its_config, and their strategies run in
@@ -133,6 +135,7 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.Comp
 HPSGD_RECIPES = [p for p in RECIPES if not p.stem.endswith(("_ddp", "_localsgd", "_stale"))]
 
 
+@pytest.mark.timeout(FAST_DEV_RUN_TIMEOUT_S + 60)
 @pytest.mark.parametrize("recipe", HPSGD_RECIPES, ids=lambda p: p.stem)
 def test_every_hpsgd_recipe_runs_fast_dev_run_on_two_processes(recipe, tmp_path, tmp_path_factory):
     args = ["fit", "--config", str(recipe), "--trainer.fast_dev_run", "true", "--trainer.accelerator", "cpu",
@@ -141,7 +144,7 @@ def test_every_hpsgd_recipe_runs_fast_dev_run_on_two_processes(recipe, tmp_path,
         args += ["--data.fake", "true", "--data.batch_size", "4", "--data.num_workers", "0", "--data.fake_size", "16"]
     elif recipe.stem.startswith("mnist1d"):
         args += ["--data.data_dir", str(tmp_path_factory.getbasetemp() / "mnist1d")]
-    done = run_cli(args, cwd=tmp_path)
+    done = run_cli(args, cwd=tmp_path, timeout=FAST_DEV_RUN_TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "Running in `fast_dev_run` mode" in done.stderr + done.stdout
     if recipe.stem.startswith("cifar10"):
@@ -154,7 +157,6 @@ def test_cifar10_offline_without_data_fails_at_once_and_says_where_to_put_it(tmp
         ["fit", "--config", recipe, "--trainer.accelerator", "cpu", "--trainer.devices", "1",
          "--data.data_dir", str(tmp_path / "cifar")],
         cwd=tmp_path,
-        timeout=120,
     )  # fmt: skip
     assert done.returncode != 0
     assert f"CIFAR-10 is not in {tmp_path / 'cifar' / 'cifar-10-batches-py'}" in done.stderr
@@ -162,6 +164,7 @@ def test_cifar10_offline_without_data_fails_at_once_and_says_where_to_put_it(tmp
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(DEMO_TIMEOUT_S + 60)
 def test_demo_reaches_the_mnist1d_paper_accuracy(tmp_path):
     """`make demo`'s run: the MNIST-1D recipe with HPSGD on 2 processes must reach >= 94 % test accuracy.
 
@@ -169,11 +172,11 @@ def test_demo_reaches_the_mnist1d_paper_accuracy(tmp_path):
     """
     env = {k: v for k, v in base_env().items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}
     env["NETRC"] = str(tmp_path / "no-netrc")
-    done = subprocess.run(
+    done = run_command(
         [sys.executable, "-m", "lightning_hpsgd.recipes.demo", "--config", MNIST1D,
          "--trainer.enable_progress_bar", "false", "--data.data_dir", str(tmp_path / "mnist1d"),
          "--trainer.default_root_dir", str(tmp_path)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,
+        cwd=tmp_path, env=env, timeout=DEMO_TIMEOUT_S,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     accuracy = float(re.search(r"test accuracy\s+([0-9.]+)", done.stdout).group(1))
@@ -193,14 +196,14 @@ def test_demo_reaches_the_mnist1d_paper_accuracy(tmp_path):
 
 def test_console_script_is_installed():
     script = Path(sys.executable).parent / "hpsgd"
-    done = subprocess.run([str(script), "fit", "--help"], env=base_env(), capture_output=True, text=True, timeout=120)
+    done = run_command([str(script), "fit", "--help"], env=base_env(), timeout=CLI_TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--trainer.strategy" in done.stdout and "--config" in done.stdout
 
 
 def test_top_level_help_names_the_project_every_subcommand_the_recipes_and_an_example(tmp_path):
     for command in ([sys.executable, "-m", "lightning_hpsgd", "--help"], [str(Path(sys.executable).parent / "hpsgd")]):
-        done = subprocess.run(command, cwd=tmp_path, env=base_env(), capture_output=True, text=True, timeout=120)
+        done = run_command(command, cwd=tmp_path, env=base_env(), timeout=CLI_TIMEOUT_S)
         assert done.returncode == 0, done.stderr[-2000:]
         out = done.stdout
         assert out.startswith("usage: hpsgd {fit,validate,test,predict,plot,dashboard}") and "__main__" not in out

@@ -11,9 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from tests.launch import ROOT, base_env, free_port
+from tests.launch import ROOT, base_env, free_port, run_commands
 
 SNIPPETS = ROOT / "docs" / "snippets"
 
@@ -26,16 +27,20 @@ def user_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def run_all(cmds: list[list[str]], envs: list[dict[str, str]], cwd: Path, timeout: float = 240) -> list[str]:
-    procs = [
-        subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for cmd, env in zip(cmds, envs)
-    ]
+# Limits on the snippets' commands, at least 10 times what they take on an idle 2-core machine running the suite two
+# tests at a time, so that a machine busy with other work makes a test slow, never a failure: up to 25 s for a
+# training script on 2-4 processes, about 55 s for the Quick start's train-then-test commands.
+SNIPPET_TIMEOUT_S = 300
+QUICKSTART_CLI_TIMEOUT_S = 600
+
+
+def run_all(
+    cmds: list[list[str]], envs: list[dict[str, str]], cwd: Path, timeout: float = SNIPPET_TIMEOUT_S
+) -> list[str]:
     outs = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=timeout)
-        assert proc.returncode == 0, out[-4000:]
-        outs.append(out)
+    for done in run_commands(cmds, envs, cwd=cwd, timeout=timeout, merge_stderr=True):
+        assert done.returncode == 0, done.stdout[-4000:]
+        outs.append(done.stdout)
     return outs
 
 
@@ -51,9 +56,11 @@ def test_configured_strategy_snippet_sets_the_options():
     assert trainer.num_devices == 2
 
 
+@pytest.mark.timeout(QUICKSTART_CLI_TIMEOUT_S + 60)
 def test_quickstart_commands_train_then_test_a_recipe(tmp_path):
     shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
-    (out,) = run_all([["bash", "-e", str(SNIPPETS / "quickstart_cli.sh")]], [user_env(tmp_path)], tmp_path, 400)
+    cmd = ["bash", "-e", str(SNIPPETS / "quickstart_cli.sh")]
+    (out,) = run_all([cmd], [user_env(tmp_path)], tmp_path, QUICKSTART_CLI_TIMEOUT_S)
     assert "`Trainer.fit` stopped: `max_epochs=2` reached." in out
     accuracy = float(re.search(r"test/acc\s+│?\s*([0-9.]+)", out).group(1))
     # 2 epochs of MNIST-1D: above chance (0.1); the demo test checks the accuracy of a full run.

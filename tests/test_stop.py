@@ -60,8 +60,9 @@ def test_coordinated_sigterm_flushes_checkpoints_every_rank_and_resumes_exactly(
 
 
 def test_epoch_timer_stops_at_the_same_epoch_as_ddp(tmp_path):
-    """Timer(interval="epoch") with ~1 s epochs and a 1.5 s limit: Lightning stops after the second epoch."""
-    args = {"num_batches": 12, "max_epochs": 5, "timer_epoch_s": 1.5, "model_args": {"step_sleep_s": 0.08}}
+    """Timer(interval="epoch") with 1.2 s epochs and a 1.5 s limit: Lightning stops after the second epoch. The
+    Timer's clock counts batches (0.1 s each, 12 per epoch), so the epoch does not depend on the machine's speed."""
+    args = {"num_batches": 12, "max_epochs": 5, "timer_epoch_s": 1.5, "timer_s_per_batch": 0.1}
     steps = {}
     for strategy in ("ddp", "hpsgd"):
         results = run_ranks("fit", tmp_path / strategy, {**args, **({"strategy": "ddp"} if strategy == "ddp" else {})})

@@ -66,19 +66,14 @@ def test_two_process_fit_writes_an_offline_run_with_hpsgd_metrics_config_and_wal
     assert run.summary[WALL_TIME]["max"] == pytest.approx(max(r[WALL_TIME] for r in run.history if WALL_TIME in r))
 
 
-def wait_until_written(path, settle_s: float = 1.0, limit_s: float = 30.0) -> None:
+def wait_until_written(path, rows: int, limit_s: float = 300.0) -> None:
     """wandb's service process can still be writing the run file when `run.finish()` returns on a busy machine (the
-    suite saw the last rows arrive late): wait until the file has stopped growing."""
+    suite saw the last rows arrive late): wait until the file holds all ``rows`` history rows. ``limit_s`` guards
+    against a run that never writes them: the rows take well under a second on an idle machine."""
     import time
 
     deadline = time.monotonic() + limit_s
-    size, since = -1, time.monotonic()
-    while time.monotonic() < deadline:
-        now_size = path.stat().st_size
-        if now_size != size:
-            size, since = now_size, time.monotonic()
-        elif time.monotonic() - since >= settle_s:
-            return
+    while len(read_run(path).history) < rows and time.monotonic() < deadline:
         time.sleep(0.1)
 
 
@@ -92,7 +87,7 @@ def test_reader_joins_records_that_span_blocks(tmp_path):
         run.log({"value": step * 0.5, WALL_TIME: step / 10})
     run.finish()
     (path,) = find_run_files(tmp_path)
-    wait_until_written(path)
+    wait_until_written(path, rows=2000)
     assert path.stat().st_size > 4 * 32768
     back = read_run(path)
     assert back.config["big"] == big and back.config["n"] == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ from lightning.pytorch.callbacks import (
     Timer,
 )
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.trainer.states import RunningStage
 
 import lightning_hpsgd  # noqa: F401  (registers the strategy names)
 from lightning_hpsgd import HPSGDStrategy
@@ -117,6 +119,29 @@ class BroadcastCounter(Callback):
         self.active = False
 
 
+class StepClock(Callback):
+    """A fake clock for the Trainer's ``Timer`` callbacks: training time advances by ``seconds_per_batch`` with each
+    training batch, however fast the machine runs it, so a time limit ends fit at a batch that follows from the limit
+    alone. ``attach`` replaces each Timer's ``time_elapsed`` (all that its checks, and HPSGD's, read of the clock)."""
+
+    def __init__(self, seconds_per_batch: float) -> None:
+        self.seconds_per_batch = seconds_per_batch
+        self.batches = 0
+
+    def attach(self, trainer: L.Trainer) -> None:
+        trainer.callbacks.append(self)
+        for timer in [c for c in trainer.callbacks if isinstance(c, Timer)]:
+            timer.time_elapsed = functools.partial(self.time_elapsed, timer, timer.time_elapsed)  # type: ignore
+
+    def time_elapsed(self, timer: Timer, real: Any, stage: str = RunningStage.TRAINING) -> float:
+        if RunningStage(stage) is not RunningStage.TRAINING:
+            return real(stage)  # validation and test stages keep the real clock
+        return self.batches * self.seconds_per_batch + timer._offset  # _offset: time restored from a checkpoint
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self.batches += 1
+
+
 def env_rank() -> int:
     """The global rank that tests.launch assigned through Lightning's plain environment variables."""
     devices = int(os.environ.get("HPSGD_TEST_DEVICES", 1))
@@ -176,7 +201,7 @@ def build_trainer(args: dict[str, Any], outdir: Path, callbacks: list[Callback])
                 save_on_train_epoch_end=True,
             )
         )
-    return L.Trainer(
+    trainer = L.Trainer(
         accelerator=args.get("accelerator", "cpu"),
         devices=int(os.environ.get("HPSGD_TEST_DEVICES", 1)),
         num_nodes=int(os.environ.get("HPSGD_TEST_NODES", 1)),
@@ -199,6 +224,9 @@ def build_trainer(args: dict[str, Any], outdir: Path, callbacks: list[Callback])
         callbacks=callbacks,
         deterministic=True,
     )
+    if args.get("timer_s_per_batch"):  # time limits counted in batches: the same stop on a fast or a loaded machine
+        StepClock(args["timer_s_per_batch"]).attach(trainer)
+    return trainer
 
 
 def train_data(args: dict[str, Any], rank: int, world_size: int):
