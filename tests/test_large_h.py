@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 
@@ -87,7 +88,8 @@ def test_auto_on_loopback_keeps_sync_every_at_one_and_logs_it(tmp_path):
 @pytest.mark.skipif(not CAN_MAKE_NAMESPACES, reason="needs root and iproute2")
 def test_auto_on_a_throttled_link_settles_at_four_or_more(tmp_path):
     """Each rank in its own network namespace behind a 100 Mbit/s link: one all-reduce of the 0.96 MB fp64 wire
-    takes about 80 ms, four steps of 20 ms of compute. H must grow to at least 4 and every rank must agree."""
+    takes about 80 ms, four steps of 20 ms of compute on an idle machine (more when other work slows the steps).
+    H must grow to the value that hides the link behind the slowest rank's measured steps, and every rank agrees."""
     from lightning_hpsgd.bench.netns import SlowLink
 
     args = {"steps": 90, "rows": 40000, "step_sleep_s": [0.02, 0.02], "timeout_s": 60,
@@ -95,7 +97,13 @@ def test_auto_on_a_throttled_link_settles_at_four_or_more(tmp_path):
     with SlowLink(2, 100.0) as link:
         results = run_ranks("engine", tmp_path, args, link=link)
     hs = assert_agreed_boundaries(results)
-    assert hs[0] == 1 and 4 <= hs[-1] <= 8, hs  # ratio about 4, with the 25 % margin: 5
+    # What the ranks sent with their last rounds: (step, comm, wait) seconds.
+    last = [r.result["proposals"][-1] for r in results]
+    comm, step = min(p[1] for p in last), max(p[0] for p in last)
+    assert comm > 0.06, last  # the link is slow: 0.96 MB at 100 Mbit/s
+    # Idle: about 80 ms over 20 ms steps, H = 5; slower steps on a loaded machine need a smaller H.
+    assert hs[0] == 1 and hs[-1] >= 2 and hs[-1] * step >= comm, (hs, last)  # the link is hidden
+    assert hs[-1] <= math.ceil(1.25 * comm / step) + 1, (hs, last)  # and H is no larger than it needs
     assert_conserved(results, atol=1e-6)
 
 
