@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch is pinned to the release whose wheels this machine already holds; a different one downloads several GB.
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
-PYTEST_WORKERS ?= 2
+PYTEST_WORKERS ?= 3
 
 .PHONY: install test lint docs demo bench clean
 
