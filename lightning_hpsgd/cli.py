@@ -127,6 +127,8 @@ _CHECKED_OPTIONS = (
     "outer_momentum",
     "outer_nesterov",
     "hierarchy",
+    "sync_delay",
+    "fragments",
 )
 
 

@@ -4,9 +4,10 @@ This module imports only torch and torch.distributed (through the engine's parts
 without a training framework. The parts, each with its own state:
 
 * [`lightning_hpsgd.tracked`][]: which tensors are averaged, trained, promoted or frozen, and the flat layout;
+* [`lightning_hpsgd.rounds`][]: each fragment's wire and round in flight, and the side channels to check;
 * [`lightning_hpsgd.wire`][]: the all-reduce of ``Δ`` and the side channel, flat or node-sharded, and its timing;
 * [`lightning_hpsgd.side_channel`][]: each rank's slot (step, stop, non-finite flag, times) and its checks;
-* [`lightning_hpsgd.schedule`][]: where rounds end, fixed or ``"auto"``;
+* [`lightning_hpsgd.schedule`][]: where rounds end and when they merge, fixed or ``"auto"``;
 * [`lightning_hpsgd.outer`][]: how a merged mean enters ``G`` (plain, or the outer optimizer with ``M``);
 * [`lightning_hpsgd.buffers`][]: ``G`` and ``S``, flat, with a view per tensor;
 * [`lightning_hpsgd.integrity`][]: the check after every flush.
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_hpsgd import side_channel
-from lightning_hpsgd.buffers import RuleBuffers
+from lightning_hpsgd.buffers import RuleBuffers, fragment_ranges
 from lightning_hpsgd.errors import (
     HPSGDCommunicationError,
     HPSGDError,
@@ -39,17 +40,19 @@ from lightning_hpsgd.integrity import average_if_different, check_identical
 from lightning_hpsgd.options import (
     DEFAULT_MAX_SYNC_EVERY,
     MergeMode,
+    SyncDelay,
     SyncEvery,
     resolve_comm_dtype,
     validate_options,
 )
 from lightning_hpsgd.outer import OuterStep
+from lightning_hpsgd.rounds import Rounds
 from lightning_hpsgd.schedule import Schedule
 from lightning_hpsgd.side_channel import StopRequest
 from lightning_hpsgd.stats import EngineStats
 from lightning_hpsgd.tensor_utils import FlatLayout, broadcast_tensors
 from lightning_hpsgd.tracked import TrackedTensors
-from lightning_hpsgd.wire import NodeGroups, Round, Wire
+from lightning_hpsgd.wire import NodeGroups, Round
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,11 @@ class HPSGDEngine:
             \quad\text{or}\quad R \leftarrow G \ \text{(merge="stale")} \\
         S &\leftarrow R, \qquad P \leftarrow \text{all\_reduce\_async}(\Delta)
 
+    With a merge delay ``τ < H`` (``sync_delay``) the sync point only launches (``S ← R``), and ``τ`` steps later the
+    merge keeps the progress made since the launch: ``d = R − S``, ``G ← G + U(mean Δ)``, ``R ← G + d``, ``S ← G``.
+    With ``F`` fragments, each contiguous ``1/F`` of the flat layout has its own rounds, launched at the steps
+    ``≡ ⌊f·H/F⌋ (mod H)``.
+
     ``U`` is the identity (plain HPSGD) or the outer optimizer on the trained tensors (see
     [`OuterStep`][lightning_hpsgd.outer.OuterStep]). A flush merges ``P``, runs a blocking all-reduce of the last
     ``Δ``, sets ``R = S = G`` and checks that every floating-point tensor is identical on every rank (see
@@ -127,6 +135,13 @@ class HPSGDEngine:
         defer_checks: read each round's side channel one merge later, from a non-blocking copy, so that a sync
             point never blocks the host (default: on CUDA). Errors are still raised on every rank at the same
             merge, one round later; a non-finite round has then already reached ``G``, which is abandoned.
+        sync_delay: ``τ``, steps from a round's launch to its merge, from 0 to ``H`` (``None``, the default: ``H``,
+            the merge at the next sync point; ``0``: a blocking average), or ``"auto"``: start at ``H`` and at every
+            merge take the smallest ``τ`` that hides the all-reduce (see
+            [`agreed_sync_delay`][lightning_hpsgd.schedule.agreed_sync_delay]). Below ``H`` needs
+            ``merge="replica"``.
+        fragments: ``F``, contiguous parts of the flat layout with rounds of their own (1 to ``H``; default 1;
+            needs an integer ``sync_every``).
     """
 
     def __init__(
@@ -148,9 +163,12 @@ class HPSGDEngine:
         broadcast: bool = True,
         nodes: NodeGroups | None = None,
         defer_checks: bool | None = None,
+        sync_delay: SyncDelay = None,
+        fragments: int = 1,
     ) -> None:
         validate_options(sync_every, merge, max_sync_every=max_sync_every, outer_lr=outer_lr,
-                         outer_momentum=outer_momentum, outer_nesterov=outer_nesterov)  # fmt: skip
+                         outer_momentum=outer_momentum, outer_nesterov=outer_nesterov, sync_delay=sync_delay,
+                         fragments=fragments)  # fmt: skip
         self.group, self.merge, self.timeout, self.nodes = group, merge, timeout, nodes
         self.object_group = object_group if object_group is not None else group
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
@@ -165,18 +183,15 @@ class HPSGDEngine:
         if broadcast:
             src = dist.get_global_rank(group, 0) if group is not None else 0
             broadcast_tensors(list(self.tracked.tensors.values()), src=src, group=group)
-        self.schedule = Schedule(sync_every, max_sync_every)
-        self.pending: Round | None = None
-        self._abandoned: Round | None = None  # kept alive: the backend may still write into its buffers
-        self._deferred: Round | None = None  # merged; its side channel is checked at the next merge
-        self._steps_unsent = 0  # steps since the last launch
+        self.schedule = Schedule(sync_every, max_sync_every, sync_delay=sync_delay, fragments=fragments)
+        self._fragments = fragments
         self._steps_since_flush = 0
         self._drift_requested = False
         self.guard = SectionGuard()  # one section at a time; none once aborted
         # Set at the merge that carried any rank's stop request: every rank learns it at the same merge.
         self.stop_requested = StopRequest(0)
         self._stop_to_send = StopRequest(0)
-        self.stats = EngineStats(sync_every=self.sync_every)
+        self.stats = EngineStats(sync_every=self.sync_every, sync_delay=self.schedule.delay, fragments=fragments)
         self._build({}, {})
 
     # ------------------------------------------------------------------ the rule
@@ -188,33 +203,46 @@ class HPSGDEngine:
         jump; a round ends at the first step at or past each boundary. Returns whether a sync point ran.
         """
         self._steps_since_flush += 1
-        self._steps_unsent += 1
-        if not self.schedule.count(step):
+        self.rounds.count_step()
+        launches = self.schedule.count(step)
+        if not launches and not self.rounds.due(step):
             return False
-        self.sync_point(step)
+        self.sync_point(step, launches)
         return True
 
     @torch.no_grad()
-    def sync_point(self, step: int) -> None:
-        """Merge the pending average, rebase ``R`` and launch this round's all-reduce."""
+    def sync_point(self, step: int, launches: Sequence[int] = (0,)) -> None:
+        """Merge every pending average that is due (``sync_delay`` steps after its launch), and end the round of
+        the fragments in ``launches``: merge what they still have pending, rebase ``R`` and launch their
+        all-reduces."""
         with self.guard("sync point"):
             self.schedule.end_round()
             if self._drift_requested:
                 self._drift_requested = False
                 self.stats.last_drift = self.buffers.drift()
-            self.buffers.delta_into_start()  # S ← R − S = Δ
-            pending = self.pending
-            waited = self._merge(defer=self.defer_checks)  # G ← G + U(mean P)
-            if pending is not None:
-                self.stats.add_staleness(step - pending.step)
-                self._record_times(self.wire.times(pending, waited))
-            self.pending = self._launch(step, is_flush=False)  # the wire takes Δ from S; S is free again
-            if self.merge == "replica":
-                self.start.add_(self.global_)  # S ← G + Δ
-            else:
-                self.start.copy_(self.global_)  # S ← G
-            self.buffers.write_replica()  # R ← S
-            self.schedule.start_round(step)
+            for f, rnd in enumerate(self.rounds.in_flight):
+                if f in launches or (rnd is not None and rnd.merge_at <= step):
+                    self._fragment_sync(f, step, launch=f in launches)
+            self.schedule.start_round(step, launched=bool(launches))
+
+    def _fragment_sync(self, f: int, step: int, launch: bool) -> None:
+        """Fragment ``f``'s sync point (``launch``): ``Δ = R − S``; merge ``P`` if pending; launch ``Δ``;
+        ``R ← S ← G + Δ`` (``"stale"``: ``G``); with ``τ = 0``, the merge follows at once. Or its merge before its
+        next sync point: ``d = R − S`` (the progress since the launch); ``G ← G + U(mean Δ)``; ``R ← G + d``;
+        ``S ← G``, so that the next ``Δ`` carries ``d``."""
+        start, global_ = self.buffers.start_of(f), self.buffers.global_of(f)
+        self.buffers.delta_into_start(f)  # S ← R − S: Δ, or d
+        self._merge(f, self.defer_checks, step)  # G ← G + U(mean P)
+        rnd = self._launch(f, step, is_flush=False) if launch else None  # the wire takes Δ from S
+        if self.merge == "replica":
+            start.add_(global_)  # S ← G + Δ (= R where nothing was pending: S = G after an early merge), or G + d
+        else:
+            start.copy_(global_)  # S ← G
+        self.buffers.write_replica(f)  # R ← S
+        if rnd is None:
+            start.copy_(global_)  # S ← G
+        elif rnd.merge_at <= step:  # sync_delay = 0: a blocking average
+            self._fragment_sync(f, step, launch=False)
 
     @torch.no_grad()
     def flush(self, step: int) -> None:
@@ -229,75 +257,69 @@ class HPSGDEngine:
             RanksDivergedError: a tensor of ``R`` differs across ranks after the merge; names the first one.
         """
         with self.guard("flush"):
-            self.buffers.delta_into_start()
-            self._merge(defer=False)
-            self.pending = self._launch(step, is_flush=True)
-            self._merge(defer=False)
+            self.buffers.delta_into_start()  # of every fragment: the progress not yet launched
+            for f in range(self._fragments):  # every P, then the blocking round of every fragment
+                self._merge(f, defer=False)
+            for f in range(self._fragments):
+                self._launch(f, step, is_flush=True)
+            for f in range(self._fragments):
+                self._merge(f, defer=False)
             self.start.copy_(self.global_)
             self.buffers.write_replica()
-            self._record_times(self.wire.times(None, 0.0, block=True))
+            for f in range(self._fragments):
+                self._record_times(f, self.rounds.wires[f].times(None, 0.0, block=True))
             self._reconcile(step)
         self._steps_since_flush = 0
         self.schedule.start_round(None)
         self.stats.flushes += 1
 
-    def _launch(self, step: int, is_flush: bool) -> Round:
-        slot = {"stop": self._stop_to_send, "step_seconds": self.schedule.step_seconds,
-                "comm_seconds": self.schedule.comm_seconds, "wait_seconds": self.schedule.wait_seconds}  # fmt: skip
-        rnd = self.wire.launch(self.start, slot, step=step, is_flush=is_flush, steps=self._steps_unsent)
-        self._steps_unsent = 0
-        self.stats.bytes_sent += self.stats.bytes_per_round
+    def _launch(self, f: int, step: int, is_flush: bool) -> Round:
+        slot = {"stop": self._stop_to_send, **self.schedule.times()}
+        merge_at = step + (0 if is_flush else self.schedule.delay)
+        rnd = self.rounds.launch(f, self.buffers.start_of(f), slot, step=step, is_flush=is_flush, merge_at=merge_at)
+        self.stats.bytes_sent += self.rounds.wires[f].bytes_per_round
         return rnd
 
-    def _merge(self, defer: bool) -> float:
-        """Wait for ``P``, check its side channel, and set ``G ← G + U(mean P)``. Returns the host seconds waited.
+    def _merge(self, f: int, defer: bool, step: int | None = None) -> None:
+        """Wait for fragment ``f``'s ``P``, check its side channel, and set ``G ← G + U(mean P)``; at a sync point
+        (``step``), count its staleness and times.
 
         With ``defer``, this round's side channel is copied to the host without blocking and checked at the next
         merge, and the previous round's is checked now.
         """
-        pending, self.pending = self.pending, None
-        if pending is None:
-            self._check_deferred()
-            return 0.0
+        pending = self.rounds.in_flight[f]
         try:
-            waited = self.wire.finish(pending)
-            self._check_deferred()
-            if defer:
-                self.wire.snapshot()
-                self._deferred = pending
-            else:
-                values, finite = [int(v) for v in self.wire.meta.tolist()], self.wire.sum_is_finite()
-        except HPSGDError:
-            raise  # the previous round's deferred check
+            _, waited, reads = self.rounds.finish(f, defer)
         except RuntimeError as err:
             self.aborted = True
-            what = f"the all-reduce of the round that ended at optimizer step {pending.step}"
+            what = f"the all-reduce of the round that ended at optimizer step {pending.step if pending else '?'}"
             raise communication_error(what, self.rank, err) from err
-        if not defer:
-            self._check(values, finite, merged=False)
-        self.outer.apply(self.global_, self.wire.payload, self.wire.merge_scale, outer=pending.steps > 0)
+        for read in reads:
+            self._check(*read)
+        if pending is None:
+            return
+        wire = self.rounds.wires[f]
+        begin = self.buffers.ranges[f][0]
+        self.outer.apply(self.buffers.global_of(f), wire.payload, wire.merge_scale, pending.steps > 0, begin)
         self.stats.rounds += 1
-        return waited
+        if step is not None:
+            self.stats.add_staleness(step - pending.step)
+            self._record_times(f, wire.times(pending, waited))
 
-    def _check_deferred(self) -> None:
-        deferred, self._deferred = self._deferred, None
-        if deferred is not None:
-            self._check(*self.wire.read_snapshot(), merged=True)
-
-    def _check(self, values: list[int], sum_is_finite: bool, merged: bool) -> None:
-        """Every rank reads the same slots: the same errors, stop requests and ``H`` everywhere."""
+    def _check(self, f: int, values: list[int], sum_is_finite: bool, merged: bool) -> None:
+        """Every rank reads the same slots: the same errors, stop requests, ``H`` and ``τ`` everywhere."""
         try:
-            slots = side_channel.read_round(values, sum_is_finite, where=lambda: self._first_non_finite(merged),
-                                            comm_dtype=self.comm_dtype, merged=merged)  # fmt: skip
+            flat = self.buffers.global_of(f) if merged else self.rounds.wires[f].payload
+            where = lambda: self.tracked.first_non_finite(flat, begin=self.buffers.ranges[f][0])  # noqa: E731
+            slots = side_channel.read_round(values, sum_is_finite, where=where, comm_dtype=self.comm_dtype,
+                                            merged=merged)  # fmt: skip
         except HPSGDError:
             self.aborted = True
             raise
         for slot in slots:
             self.stop_requested |= slot.stop
         self.stats.sync_every = self.schedule.agree(slots)
-
-    def _first_non_finite(self, merged: bool) -> str:
-        return self.tracked.first_non_finite(self.global_ if merged else self.wire.payload)
+        self.stats.sync_delay = self.schedule.delay
 
     def _reconcile(self, step: int) -> None:
         try:
@@ -365,13 +387,14 @@ class HPSGDEngine:
         ``global_values`` where a saved value still rounds to the replica (the extra bits of a narrow replica
         survive a rebuild); ``M`` from ``momentum_values`` by name, 0 for new tensors."""
         layout = self.layout
-        self.wire = Wire(layout.numel, layout.dtype, self.device, comm_dtype=self._comm_dtype_option,
-                         group=self.group, nodes=self.nodes, timeout=self.timeout)  # fmt: skip
-        self.buffers = RuleBuffers(self.tracked, global_values)
+        ranges = fragment_ranges(layout.numel, self._fragments)
+        self.rounds = Rounds(ranges, layout.dtype, self.device, comm_dtype=self._comm_dtype_option, group=self.group,
+                             nodes=self.nodes, timeout=self.timeout)  # fmt: skip
+        self.buffers = RuleBuffers(self.tracked, global_values, ranges)
         self.global_, self.start = self.buffers.global_, self.buffers.start
         self.outer = OuterStep(*self._outer_options, layout, self.tracked.num_trained)
         self.outer.load_state_dict(momentum_values, self.tracked.names)
-        self.stats.bytes_per_round = self.wire.bytes_per_round
+        self.stats.bytes_per_round = self.rounds.bytes_per_round
         self.stats.promoted = len(self.tracked.promoted)
 
     # ------------------------------------------------------------------ state
@@ -392,7 +415,7 @@ class HPSGDEngine:
         }
         if self.outer.buffer is not None:
             state["outer_momentum"] = self.outer.state_dict(self.tracked.names)
-        if self.schedule.auto:
+        if self.schedule.auto or self.schedule.delay_auto:
             state["sync_every"] = self.schedule.state_dict()
         return state
 
@@ -410,11 +433,11 @@ class HPSGDEngine:
         restored = self.buffers.restore_global(state.get("global", {}))
         if "stats" in state:
             self.stats = EngineStats.from_dict(state["stats"])
-            self.stats.bytes_per_round = self.wire.bytes_per_round
+            self.stats.bytes_per_round = self.rounds.bytes_per_round
             self.stats.promoted = len(self.tracked.promoted)
         self.outer.load_state_dict(state.get("outer_momentum", {}), self.tracked.names)
         self.schedule.load_state_dict(state.get("sync_every") or {})
-        self.stats.sync_every = self.sync_every
+        self.stats.sync_every, self.stats.sync_delay = self.sync_every, self.schedule.delay
         log.debug("HPSGDEngine: loaded state (G of %d tensors, %d promoted)", restored, len(promoted))
 
     # ------------------------------------------------------------------ stops, errors, measurements
@@ -423,6 +446,11 @@ class HPSGDEngine:
     def needs_flush(self) -> bool:
         """Whether a round is in flight or a step was taken since the last flush (this rank's view)."""
         return self.pending is not None or self._steps_since_flush > 0
+
+    @property
+    def pending(self) -> Round | None:
+        """``P``: the earliest-launched round not yet merged (of any fragment), or ``None``."""
+        return self.rounds.pending
 
     def request_stop(self, reason: StopRequest = StopRequest.ABORT) -> None:
         """Ask every rank to stop: sent with this rank's next round or flush; see ``stop_requested``.
@@ -445,19 +473,17 @@ class HPSGDEngine:
 
         No collective runs here, since the error may have hit one rank only and the others may never answer.
         """
-        if self.pending is not None:
-            self._abandoned = self.pending
-        self.pending = None
+        self.rounds.abandon()
         self.aborted = True
 
     def request_drift(self) -> None:
         """Measure ``‖R − G‖ / ‖G‖`` at the next sync point (two extra passes over the model, on that round only)."""
         self._drift_requested = True
 
-    def _record_times(self, times: Iterable[tuple[float, float]]) -> None:
-        for wait, comm in times:  # (wait, comm) seconds of each round timed since the last call
+    def _record_times(self, f: int, times: Iterable[tuple[float, float]]) -> None:
+        for wait, comm in times:  # (wait, comm) seconds of each round of fragment f timed since the last call
             self.schedule.record_comm(comm, wait)
-            self.stats.add_timing(wait, comm)
+            self.stats.add_timing(wait, comm, f)
 
     # ------------------------------------------------------------------ views of the parts
 
@@ -488,4 +514,9 @@ class HPSGDEngine:
     @property
     def comm_dtype(self) -> torch.dtype:
         """The dtype on the wire."""
-        return self.wire.dtype
+        return self.rounds.wires[0].dtype
+
+    @property
+    def sync_delay(self) -> int:
+        """``τ`` of a round launched now."""
+        return self.schedule.delay

@@ -34,6 +34,9 @@ class HPSGDMonitor(Callback):
       one round per interval, two extra passes over the model);
     * ``hpsgd/bytes``: payload bytes per round and rank; ``hpsgd/rounds``: rounds merged so far;
     * ``hpsgd/sync_every``: ``H`` of the current round (the value ``sync_every="auto"`` chose);
+    * ``hpsgd/sync_delay``: ``τ``, steps from a round's launch to its merge (the value ``sync_delay="auto"`` chose);
+    * with ``fragments`` > 1, ``hpsgd/comm_ms/f{i}`` and ``hpsgd/wait_ms/f{i}``: the latest timed round of each
+      fragment (this rank's; rank 0 writes);
     * ``hpsgd/step_ms``: wall time per optimizer step; ``hpsgd/samples_per_s``: samples per second over all ranks;
     * ``time/wall_s``: seconds since the start of fit, an x-axis for accuracy at a fixed wall time.
 
@@ -148,6 +151,11 @@ class HPSGDMonitor(Callback):
         metrics["hpsgd/bytes"] = float(stats.bytes_per_round)
         metrics["hpsgd/rounds"] = float(stats.rounds)
         metrics["hpsgd/sync_every"] = float(_engine(trainer).sync_every)
+        metrics["hpsgd/sync_delay"] = float(_engine(trainer).sync_delay)
+        if stats.fragments > 1:
+            for f, (wait_s, comm_s) in enumerate(zip(stats.fragment_wait_seconds, stats.fragment_comm_seconds)):
+                metrics[f"hpsgd/comm_ms/f{f}"] = 1000 * comm_s
+                metrics[f"hpsgd/wait_ms/f{f}"] = 1000 * wait_s
         if new_timed:  # no round was timed yet in this interval: nothing to say about comm and wait
             metrics["hpsgd/comm_ms"] = comm_ms
             metrics["hpsgd/wait_ms"] = wait_ms

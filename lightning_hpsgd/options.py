@@ -14,6 +14,7 @@ __all__ = [
     "MERGE_MODES",
     "MergeMode",
     "START_METHODS",
+    "SyncDelay",
     "SyncEvery",
     "resolve_comm_dtype",
     "validate_launch",
@@ -23,6 +24,7 @@ __all__ = [
 MergeMode = Literal["replica", "stale"]
 MERGE_MODES: tuple[str, ...] = ("replica", "stale")
 SyncEvery = int | Literal["auto"]
+SyncDelay = int | Literal["auto"] | None
 HIERARCHIES: tuple[str | None, ...] = (None, "node")
 DEFAULT_MAX_SYNC_EVERY = 32
 START_METHODS: tuple[str, ...] = ("popen", "spawn", "fork", "forkserver")
@@ -79,6 +81,8 @@ def validate_options(
     outer_momentum: object = 0.0,
     outer_nesterov: object = True,
     hierarchy: object = None,
+    sync_delay: object = None,
+    fragments: object = 1,
 ) -> None:
     """Raise a ``ValueError`` naming the accepted values if an option of the rule is invalid."""
     if not (_is_count(sync_every) or sync_every == "auto"):
@@ -102,10 +106,41 @@ def validate_options(
         )
     if not isinstance(outer_nesterov, bool):
         raise ValueError(f"outer_nesterov must be True or False; received {outer_nesterov!r}.")
+    _validate_delay(sync_every, merge, sync_delay, fragments)
     if hierarchy not in HIERARCHIES:
         raise ValueError(
             f"hierarchy must be None (flat HPSGD: every rank a worker) or 'node' (synchronous inside a node, HPSGD"
             f" across nodes); received {hierarchy!r}."
+        )
+
+
+def _validate_delay(sync_every: object, merge: object, sync_delay: object, fragments: object) -> None:
+    fixed = sync_every if _is_count(sync_every) else None
+    upper = f"sync_every (H = {fixed})" if fixed is not None else "the current H"
+    delay_is_count = isinstance(sync_delay, int) and not isinstance(sync_delay, bool) and sync_delay >= 0
+    if not (sync_delay is None or sync_delay == "auto" or delay_is_count) or (
+        delay_is_count and fixed is not None and sync_delay > fixed
+    ):
+        raise ValueError(
+            f"sync_delay must be an integer from 0 to {upper} (optimizer steps from a round's launch to its merge),"
+            f" 'auto' (the smallest that hides the all-reduce) or None (= H: merge at the next sync point);"
+            f" received {sync_delay!r}."
+        )
+    early = sync_delay == "auto" or (delay_is_count and (fixed is None or sync_delay < fixed))
+    if merge == "stale" and early:
+        raise ValueError(
+            f"merge='stale' merges at the next sync point only (sync_delay=None); received sync_delay={sync_delay!r}."
+            " Use merge='replica' with an earlier merge."
+        )
+    if not _is_count(fragments) or (fixed is not None and fragments > fixed):
+        raise ValueError(
+            f"fragments must be an integer from 1 to {upper} (parts of the model synced at different steps);"
+            f" received {fragments!r}."
+        )
+    if fixed is None and fragments != 1:
+        raise ValueError(
+            f"fragments={fragments} needs a fixed sync_every (an integer H >= fragments), not 'auto'. Set sync_every"
+            " and let sync_delay='auto' hide the link."
         )
 
 

@@ -41,24 +41,26 @@ class OuterStep:
             spans = zip(layout.offsets[:trained], layout.numels[:trained], layout.shapes[:trained])
             self.views = [self.buffer[o : o + n].view(shape) for o, n, shape in spans]
 
-    def apply(self, global_: Tensor, payload: Tensor, scale: float, outer: bool) -> None:
-        """``G ← G + U`` for ``ḡ = scale · payload``. Without ``outer`` (a round with no optimizer step: a flush
-        right after a flush) ``ḡ`` is added as it is, so that how often a run flushes never moves the model."""
+    def apply(self, global_: Tensor, payload: Tensor, scale: float, outer: bool, begin: int = 0) -> None:
+        """``G ← G + U`` for ``ḡ = scale · payload``, where ``global_`` and ``payload`` hold the elements from
+        ``begin`` of the flat layout (a fragment). Without ``outer`` (a round with no optimizer step: a flush right
+        after a flush) ``ḡ`` is added as it is, so that how often a run flushes never moves the model."""
         if not outer or (self.lr == 1.0 and self.buffer is None):
             global_.add_(payload, alpha=scale)
             return
-        k = self._split
+        k = min(max(self._split - begin, 0), payload.numel())  # the trained elements come first in the layout
         global_[k:].add_(payload[k:], alpha=scale)
         trained, change = global_[:k], payload[:k]
         if self.buffer is None:
             trained.add_(change, alpha=scale * self.lr)
             return
         mu, lr = self.momentum, self.lr
-        self.buffer.mul_(mu).add_(change, alpha=scale)  # M ← μ·M + ḡ
+        buffer = self.buffer[begin : begin + k]
+        buffer.mul_(mu).add_(change, alpha=scale)  # M ← μ·M + ḡ
         if self.nesterov:
-            trained.add_(change, alpha=lr * scale).add_(self.buffer, alpha=lr * mu)
+            trained.add_(change, alpha=lr * scale).add_(buffer, alpha=lr * mu)
         else:
-            trained.add_(self.buffer, alpha=lr)
+            trained.add_(buffer, alpha=lr)
 
     def state_dict(self, names: Sequence[str]) -> dict[str, Tensor]:
         """``M`` by tensor name (empty without momentum)."""

@@ -1,5 +1,7 @@
-"""When rounds end: every ``H`` steps, or with ``sync_every="auto"`` an ``H`` the ranks agree on from what they
-measure. No communication here: the figures travel in the side channel ([`lightning_hpsgd.side_channel`][])."""
+"""When rounds end and when they merge: every ``H`` steps (fragment ``f`` of ``F`` at steps ``≡ f·H/F mod H``), or
+with ``sync_every="auto"`` an ``H`` the ranks agree on from what they measure; each round merged ``τ``
+(``sync_delay``) steps after its launch, fixed or agreed the same way. No communication here: the figures travel in
+the side channel ([`lightning_hpsgd.side_channel`][])."""
 
 from __future__ import annotations
 
@@ -8,10 +10,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from lightning_hpsgd.options import SyncEvery
+from lightning_hpsgd.options import SyncDelay, SyncEvery
 from lightning_hpsgd.side_channel import Slot
 
-__all__ = ["AUTO_MARGIN", "HIDDEN_WAIT", "Schedule", "agreed_sync_every"]
+__all__ = ["AUTO_MARGIN", "HIDDEN_WAIT", "Schedule", "agreed_sync_delay", "agreed_sync_every"]
 
 # "auto" chooses the smallest H with comm <= H x step / AUTO_MARGIN, from moving averages of both.
 AUTO_MARGIN = 1.25
@@ -33,32 +35,57 @@ def agreed_sync_every(slots: Sequence[Slot], current: int, max_sync_every: int) 
     completion time read on the host can arrive late when the training thread holds the CPU (gloo's callback needs
     Python's lock), which makes a hidden all-reduce look longer than it is.
     """
+    return _hiding_steps(slots, current, max_sync_every)
+
+
+def agreed_sync_delay(slots: Sequence[Slot], current: int, sync_every: int) -> int:
+    """``sync_delay="auto"``: the smallest ``τ`` (from 1 to ``H``) whose ``τ`` steps of the slowest rank's compute
+    hide one all-reduce, measured and agreed as in [`agreed_sync_every`][] (the smallest comm time any rank measured,
+    the largest step time; ``τ`` grows only while the slowest rank waits). With ``fragments``, a round is one
+    fragment's all-reduce, so the delay covers ``1/F`` of the model's bytes."""
+    return _hiding_steps(slots, min(current, sync_every), sync_every)
+
+
+def _hiding_steps(slots: Sequence[Slot], current: int, cap: int) -> int:
     comms = [s.comm_seconds for s in slots if s.comm_seconds > 0]
     steps = [s.step_seconds for s in slots if s.step_seconds > 0]
     if len(comms) < len(slots) or len(steps) < len(slots):
         return current
     slowest = max(slots, key=lambda s: s.step_seconds)
-    wanted = min(max(math.ceil(AUTO_MARGIN * min(comms) / slowest.step_seconds), 1), max_sync_every)
+    wanted = min(max(math.ceil(AUTO_MARGIN * min(comms) / slowest.step_seconds), 1), cap)
     if wanted > current and slowest.wait_seconds < HIDDEN_WAIT * slowest.step_seconds:
         return current  # already hidden
     return wanted
 
 
 class Schedule:
-    """The steps at which rounds end, and (for ``"auto"``) this rank's moving averages of step and comm times.
+    """The steps at which rounds end and merge, and this rank's moving averages of step and comm times.
 
     Args:
         sync_every: ``H``, or ``"auto"`` (start at 1; follow [`agreed_sync_every`][] at every merge).
         max_sync_every: the largest ``H`` that ``"auto"`` may choose.
         clock: seconds, monotonic (a fake clock in tests).
+        sync_delay: ``τ``, steps from a round's launch to its merge (``None``: ``H``, the next sync point), or
+            ``"auto"`` (start at ``H``; follow [`agreed_sync_delay`][] at every merge).
+        fragments: ``F``; fragment ``f`` ends its rounds at the steps ``s`` with ``s ≡ ⌊f·H/F⌋ (mod H)``
+            (a fixed ``H`` only).
     """
 
     def __init__(
-        self, sync_every: SyncEvery, max_sync_every: int, clock: Callable[[], float] = time.perf_counter
+        self,
+        sync_every: SyncEvery,
+        max_sync_every: int,
+        clock: Callable[[], float] = time.perf_counter,
+        *,
+        sync_delay: SyncDelay = None,
+        fragments: int = 1,
     ) -> None:
         self.auto = sync_every == "auto"
         self.sync_every: int = 1 if self.auto else int(sync_every)
         self.max_sync_every = max_sync_every
+        self.delay_auto = sync_delay == "auto"
+        self.sync_delay: int | None = None if sync_delay in (None, "auto") else int(sync_delay)  # None: follow H
+        self.fragments = fragments
         self.next_sync: int | None = None  # "auto": the step at or after which the current round ends
         self.step_seconds: float | None = None
         self.comm_seconds: float | None = None
@@ -68,28 +95,38 @@ class Schedule:
         self._round_steps = 0
         self._last_step: int | None = None
 
-    def count(self, step: int) -> bool:
-        """Record step ``step`` (1-based; numbers may jump) and say whether the round ends at it."""
+    @property
+    def delay(self) -> int:
+        """``τ`` of a round launched now: ``sync_delay``, at most ``H`` (``H`` when it follows ``H``)."""
+        return self.sync_every if self.sync_delay is None else min(self.sync_delay, self.sync_every)
+
+    def count(self, step: int) -> tuple[int, ...]:
+        """Record step ``step`` (1-based; numbers may jump); return the fragments whose round ends at it (empty:
+        none; ``(0,)`` with one fragment)."""
         previous = step - 1 if self._last_step is None else self._last_step
         self._last_step = step
         self._round_steps += 1
         if not self.auto:
-            return step // self.sync_every > previous // self.sync_every
+            h, f_count = self.sync_every, self.fragments
+            offsets = [(f * h) // f_count for f in range(f_count)]
+            return tuple(f for f, o in enumerate(offsets) if (step - o) // h > (previous - o) // h)
         if self.next_sync is None:
             self.next_sync = (previous // self.sync_every + 1) * self.sync_every
-        return step >= self.next_sync
+        return (0,) if step >= self.next_sync else ()
 
     def end_round(self) -> None:
-        """At a sync point, before its merge: the compute time per step of the round that ends (wait excluded)."""
+        """At a sync point, before its merges: the compute time per step since the last sync point (waits
+        excluded)."""
         if self._round_started is not None and self._round_steps > 0:
             per_step = (self._clock() - self._round_started) / self._round_steps
             self.step_seconds = _smooth(self.step_seconds, per_step)
         self._round_steps = 0
 
-    def start_round(self, step: int | None) -> None:
-        """After a sync point (``step``) or a flush (``None``: the time to the next sync point is not compute)."""
+    def start_round(self, step: int | None, launched: bool = True) -> None:
+        """After a sync point (``step``) or a flush (``None``: the time to the next sync point is not compute).
+        ``launched``: whether the sync point launched a round (not only merged one)."""
         self._round_started = None if step is None else self._clock()
-        if step is not None and self.auto:
+        if step is not None and self.auto and launched:
             self.next_sync = step + self.sync_every  # H as agreed at this sync point's merge
 
     def record_comm(self, seconds: float, wait: float = 0.0) -> None:
@@ -97,21 +134,33 @@ class Schedule:
         self.comm_seconds = _smooth(self.comm_seconds, seconds)
         self.wait_seconds = _smooth(self.wait_seconds, wait)
 
+    def times(self) -> dict[str, float | None]:
+        """This rank's figures for the side channel: step, comm and wait seconds (``None``: not measured yet)."""
+        return {"step_seconds": self.step_seconds, "comm_seconds": self.comm_seconds, "wait_seconds": self.wait_seconds}
+
     def agree(self, slots: Sequence[Slot]) -> int:
-        """Set ``H`` from a merged round's slots (``"auto"``; a fixed ``H`` stays). Returns the new ``H``."""
+        """Set ``H`` and ``τ`` from a merged round's slots (``"auto"``; fixed values stay). Returns the new ``H``."""
         if self.auto:
             self.sync_every = agreed_sync_every(slots, self.sync_every, self.max_sync_every)
+        if self.delay_auto:
+            self.sync_delay = agreed_sync_delay(slots, self.delay, self.sync_every)
         return self.sync_every
 
     def state_dict(self) -> dict[str, Any]:
-        """``"auto"``: the current ``H`` and the step that ends the current round (empty for a fixed ``H``)."""
-        return {"current": self.sync_every, "next_sync": self.next_sync} if self.auto else {}
+        """``"auto"``: the current ``H`` and the step that ends the current round, and the current ``τ`` (empty when
+        both are fixed)."""
+        state: dict[str, Any] = {"current": self.sync_every, "next_sync": self.next_sync} if self.auto else {}
+        if self.delay_auto:
+            state["sync_delay"] = self.sync_delay
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore [`state_dict`][] output."""
-        if self.auto and state:
+        if self.auto and "current" in state:
             self.sync_every = min(int(state["current"]), self.max_sync_every)
             self.next_sync = state["next_sync"]
+        if self.delay_auto and state.get("sync_delay") is not None:
+            self.sync_delay = int(state["sync_delay"])
 
 
 def _smooth(average: float | None, value: float) -> float:

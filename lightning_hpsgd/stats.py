@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -38,6 +38,11 @@ class EngineStats:
         bytes_sent: the payload bytes of every all-reduce this rank launched, summed (the side channel excluded).
         promoted: frozen tensors found changed at a flush, and averaged in every round since.
         sync_every: ``H`` of the current round (with ``sync_every="auto"``, the latest agreed value).
+        sync_delay: ``τ``, steps from a round's launch to its merge, for a round launched now (with
+            ``sync_delay="auto"``, the latest agreed value).
+        fragments: ``F``, the parts of the model whose rounds are launched at different steps.
+        fragment_wait_seconds, fragment_comm_seconds: the wait and communication seconds of each fragment's
+            latest timed round (``F`` values each).
     """
 
     rounds: int = 0
@@ -55,6 +60,10 @@ class EngineStats:
     bytes_sent: int = 0
     promoted: int = 0
     sync_every: int = 0
+    sync_delay: int = 0
+    fragments: int = 1
+    fragment_wait_seconds: list[float] = field(default_factory=list)
+    fragment_comm_seconds: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The counters as plain Python values (``last_drift`` as a float or ``None``)."""
@@ -77,8 +86,12 @@ class EngineStats:
         self.last_staleness_steps = steps
         self.staleness_steps += steps
 
-    def add_timing(self, wait_seconds: float, comm_seconds: float) -> None:
-        """Count one timed round."""
+    def add_timing(self, wait_seconds: float, comm_seconds: float, fragment: int = 0) -> None:
+        """Count one timed round (of ``fragment``)."""
+        for per_fragment, value in ((self.fragment_wait_seconds, wait_seconds),
+                                    (self.fragment_comm_seconds, comm_seconds)):  # fmt: skip
+            per_fragment.extend([0.0] * (max(self.fragments, fragment + 1) - len(per_fragment)))
+            per_fragment[fragment] = value
         self.timed_rounds += 1
         self.last_wait_seconds = wait_seconds
         self.last_comm_seconds = comm_seconds

@@ -97,6 +97,16 @@ class HPSGDStrategy(DDPStrategy):
             hide one all-reduce, with a 25 % margin), agreed at every merge so that every rank ends rounds at the
             same steps. The current value is logged as ``hpsgd/sync_every``.
         max_sync_every: the largest ``H`` that ``sync_every="auto"`` may choose (default 32).
+        sync_delay: ``τ``, optimizer steps from a round's launch to its merge, from 0 to ``H``. ``None`` (default):
+            ``H``, the merge at the next sync point (the paper's rule). A smaller ``τ`` makes the merged average
+            less stale (the staleness is ``τ`` steps, not ``H``) while the rank's progress since the launch is kept
+            exactly; ``0`` is a blocking average (DiLoCo with the outer optimizer). ``"auto"``: the smallest ``τ``
+            whose steps of compute hide one all-reduce, agreed by every rank like ``sync_every="auto"`` and logged
+            as ``hpsgd/sync_delay``. Needs ``merge="replica"`` when below ``H``.
+        fragments: ``F``, parts of the model (contiguous, near-equal slices of the flat parameters) whose rounds
+            are launched at different steps: fragment ``f`` at the steps ``≡ ⌊f·H/F⌋ (mod H)``, each with its own
+            pending round and merge, so that one ``1/F`` of the bytes is in flight at a time and the link stays
+            busy. From 1 (default) to ``H``; needs an integer ``sync_every``.
         merge: ``"replica"`` (default; HPSGD, a rank's own progress stays visible at once: ``R ← G + Δ``) or
             ``"stale"`` (the naive stale-gradient pipeline: ``R ← G``; the paper's baseline).
         comm_dtype: dtype on the wire. ``None`` (default) sends full precision; ``torch.bfloat16`` /
@@ -143,6 +153,8 @@ class HPSGDStrategy(DDPStrategy):
         outer_momentum: float = 0.0,
         outer_nesterov: bool = True,
         max_sync_every: int | None = None,
+        sync_delay: int | Literal["auto"] | None = None,
+        fragments: int = 1,
         hierarchy: Literal["node"] | None = None,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
@@ -159,7 +171,8 @@ class HPSGDStrategy(DDPStrategy):
             rank_zero_warn(f"HPSGD: max_sync_every={max_sync_every} has no effect with sync_every={sync_every!r}.")
         max_sync_every = DEFAULT_MAX_SYNC_EVERY if max_sync_every is None else max_sync_every
         validate_options(sync_every, merge, max_sync_every=max_sync_every, outer_lr=outer_lr,
-                         outer_momentum=outer_momentum, outer_nesterov=outer_nesterov, hierarchy=hierarchy)  # fmt: skip
+                         outer_momentum=outer_momentum, outer_nesterov=outer_nesterov, hierarchy=hierarchy,
+                         sync_delay=sync_delay, fragments=fragments)  # fmt: skip
         timeout = validate_launch(start_method, timeout)
         if hierarchy is None and (changed := _changed_ddp_options(kwargs)):
             rank_zero_warn(f"HPSGD: DDP options {changed} have no effect without hierarchy='node'.")
@@ -168,6 +181,7 @@ class HPSGDStrategy(DDPStrategy):
                          precision_plugin=precision_plugin, process_group_backend=process_group_backend,
                          timeout=timeout, start_method=start_method, **kwargs)  # fmt: skip
         self.sync_every, self.max_sync_every, self.merge = sync_every, max_sync_every, merge
+        self.sync_delay, self.fragments = sync_delay, fragments
         self.comm_dtype = resolve_comm_dtype(comm_dtype)
         self.outer_lr, self.outer_momentum, self.outer_nesterov = float(outer_lr), float(outer_momentum), outer_nesterov
         self.monitor, self.hierarchy = monitor, hierarchy
@@ -194,6 +208,8 @@ class HPSGDStrategy(DDPStrategy):
             "name": "hpsgd" if self.merge == "replica" else "hpsgd_stale",
             "sync_every": self.sync_every,
             "max_sync_every": self.max_sync_every,
+            "sync_delay": self.sync_delay,
+            "fragments": self.fragments,
             "merge": self.merge,
             "comm_dtype": None if self.comm_dtype is None else str(self.comm_dtype).removeprefix("torch."),
             "outer_lr": self.outer_lr,
@@ -392,7 +408,7 @@ class HPSGDStrategy(DDPStrategy):
             group=self._groups.rounds, object_group=self._groups.objects, sync_every=self.sync_every,
             max_sync_every=self.max_sync_every, merge=self.merge, comm_dtype=self.comm_dtype,
             outer_lr=self.outer_lr, outer_momentum=self.outer_momentum, outer_nesterov=self.outer_nesterov,
-            timeout=self._timeout, nodes=self._groups.nodes,
+            timeout=self._timeout, nodes=self._groups.nodes, sync_delay=self.sync_delay, fragments=self.fragments,
         )  # fmt: skip
         if state is not None:
             self._engine.load_state_dict(state)

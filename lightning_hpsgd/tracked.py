@@ -98,10 +98,11 @@ class TrackedTensors:
         """The name of the averaged tensor that holds element ``flat_index`` of the flat buffers."""
         return self.names[self.layout.index_of(flat_index)]
 
-    def first_non_finite(self, flat: Tensor) -> str:
-        """The name of the first averaged tensor whose part of the flat buffer ``flat`` holds NaN or inf."""
+    def first_non_finite(self, flat: Tensor, begin: int = 0) -> str:
+        """The name of the first averaged tensor whose part of ``flat`` (the flat layout's elements from ``begin``)
+        holds NaN or inf."""
         bad = (~torch.isfinite(flat)).nonzero()
-        return self.name_at(int(bad[0])) if bad.numel() else "(unknown)"
+        return self.name_at(begin + int(bad[0])) if bad.numel() else "(unknown)"
 
     def check_same_structure(self, group: dist.ProcessGroup | None, object_group: dist.ProcessGroup | None) -> None:
         """Raise on every rank, naming the first difference, if ranks hold tensors of different names or shapes."""

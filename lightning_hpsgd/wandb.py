@@ -223,6 +223,7 @@ DASHBOARD: dict[str, list[tuple[str, str, list[str]]]] = {
         ("Replica drift |R - G| / |G|", STEP, ["hpsgd/drift"]),
         ("Staleness (steps from launch to merge)", STEP, ["hpsgd/staleness"]),
         ("sync_every (H of the current round)", STEP, ["hpsgd/sync_every"]),
+        ("sync_delay (steps from launch to merge, tau)", STEP, ["hpsgd/sync_delay"]),
     ],
 }
 

@@ -62,6 +62,8 @@ class Round:
     # list: one that held the round (and so the works) would make a reference cycle through C++ that Python never
     # frees, and gloo's threads would then destroy the work, and its tensors, during interpreter shutdown.
     completion: list[float] = field(default_factory=list)
+    fragment: int = 0  # which fragment of the model the round carries
+    merge_at: int = 0  # the step at which the round is merged (its launch step + sync_delay)
 
 
 class Wire:

@@ -222,17 +222,19 @@ def test_convergence_quick_run_trains_every_method_to_one_model_per_run(tmp_path
     done = run_command(cmd, env=base_env(), timeout=CONVERGENCE_TIMEOUT_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    methods = {(r["family"], r["sync_every"]) for r in results}
-    assert methods == {("ddp", None), ("localsgd", 4), ("hpsgd", 4), ("hpsgd_stale", 4), ("hpsgd_outer", 4)}
-    assert {r["task"] for r in results} == {"mnist1d", "reverse"} and len(results) == 10
+    methods = {(r["family"], r["sync_every"], r["sync_delay"], r["fragments"]) for r in results}
+    assert methods == {("ddp", None, None, 1), ("localsgd", 4, None, 1), ("hpsgd", 4, None, 1),
+                       ("hpsgd_stale", 4, None, 1), ("hpsgd_outer", 4, None, 1), ("diloco", 4, 0, 1),
+                       ("hpsgd_delay", 4, 1, 1), ("hpsgd_fragments", 4, 3, 2)}  # fmt: skip
+    assert {r["task"] for r in results} == {"mnist1d", "reverse"} and len(results) == 16
     assert all(r["identical"] and 0 <= r["val_acc"] <= 1 and r["train_loss"] > 0 for r in results), results
     report = (out / "convergence.md").read_text()
     assert "## mnist1d: validation accuracy" in report and "## reverse: final training loss" in report
-    assert "| hpsgd_outer H=4 |" in report
+    assert "| hpsgd_outer H=4 |" in report and "| hpsgd_fragments H=4 τ=3 F=2 |" in report
     assert (out / "convergence_mnist1d.png").stat().st_size > 10_000 and (out / "convergence_reverse.png").exists()
     again = run_command(cmd, env=base_env(), timeout=RERUN_TIMEOUT_S)
     assert again.returncode == 0 and "runs on" not in again.stdout
-    assert len((out / "results.jsonl").read_text().splitlines()) == 10
+    assert len((out / "results.jsonl").read_text().splitlines()) == 16
 
 
 def test_a_link_slower_than_asked_at_full_speed_is_reported_not_throttled():

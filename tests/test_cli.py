@@ -103,8 +103,11 @@ def test_outer_lr_in_exponent_notation_passes_the_check_and_reaches_the_strategy
         ("merge", "bogus", "--trainer.strategy.merge: merge must be one of ['replica', 'stale']; received 'bogus'."),
         ("outer_lr", "0e0", "--trainer.strategy.outer_lr: outer_lr must be a finite number > 0 (1.0: plain HPSGD);"
          " received 0.0."),
+        ("sync_delay", "5", "--trainer.strategy.sync_delay: sync_delay must be an integer from 0 to sync_every"
+         " (H = 1)"),
+        ("fragments", "0", "--trainer.strategy.fragments: fragments must be an integer from 1 to sync_every (H = 1)"),
     ],
-    ids=["sync_every-0", "merge-bogus", "outer_lr-0e0"],
+    ids=["sync_every-0", "merge-bogus", "outer_lr-0e0", "sync_delay-5", "fragments-0"],
 )  # fmt: skip
 @pytest.mark.parametrize("where", ["command-line", "config"])
 def test_the_check_still_refuses_bad_strategy_options_in_one_line(where, option, value, message, tmp_path):

@@ -107,6 +107,26 @@ def test_auto_on_a_throttled_link_settles_at_four_or_more(tmp_path):
     assert_conserved(results, atol=1e-6)
 
 
+def test_auto_delay_on_a_throttled_link_merges_each_fragment_as_soon_as_the_link_allows(tmp_path):
+    """The same link, H = 16 in 2 fragments (0.48 MB each, about 40 ms): sync_delay starts at H and must settle at
+    the delay that hides one fragment's all-reduce behind the slowest rank's steps, the same on every rank."""
+    from lightning_hpsgd.bench.netns import SlowLink
+
+    args = {"steps": 90, "rows": 40000, "step_sleep_s": [0.02, 0.02], "timeout_s": 60,
+            "engine_args": {"sync_every": 16, "fragments": 2, "sync_delay": "auto"}}  # fmt: skip
+    with SlowLink(2, 100.0) as link:
+        results = run_ranks("engine", tmp_path, args, link=link)
+    delays = [r.result["sync_delays"] for r in results]
+    assert delays[0] == delays[1], delays  # every rank agreed at every merge
+    last = [r.result["proposals"][-1] for r in results]
+    comm, step = min(p[1] for p in last), max(p[0] for p in last)
+    assert comm > 0.02, last  # half the wire over a slow link
+    tau = delays[0][-1]
+    assert delays[0][0] == 16 and tau < 16, delays[0]  # started at H, then shrank
+    assert tau * step >= comm and tau <= math.ceil(1.25 * comm / step) + 1, (delays[0], last)
+    assert_conserved(results, atol=1e-6)
+
+
 OUTER_ENGINE = {"outer_lr": 0.8, "outer_momentum": 0.6}
 
 

@@ -40,6 +40,20 @@ def test_monitor_writes_hpsgd_metrics_to_the_csv_logger(tmp_path):
     assert all(v > 0 for v in column(rows, "hpsgd/step_ms")) and all(v > 0 for v in column(rows, "hpsgd/samples_per_s"))
 
 
+def test_monitor_logs_the_delay_and_each_fragments_comm_and_wait(tmp_path):
+    args = {"csv_logger": True, "log_every_n_steps": 4, "sync_every": 4, "max_epochs": 3,
+            "strategy_args": {"sync_delay": 1, "fragments": 2}}  # fmt: skip
+    run_ranks("fit", tmp_path, args)
+    rows = read_metrics(tmp_path)
+    assert set(column(rows, "hpsgd/sync_delay")) == {1.0}
+    assert set(column(rows, "hpsgd/staleness")) == {1.0}  # every round merged one step after its launch
+    for f in (0, 1):
+        comm = column(rows, f"hpsgd/comm_ms/f{f}")
+        assert comm and all(v > 0 for v in comm), f"fragment {f}: {comm}"
+        assert all(v >= 0 for v in column(rows, f"hpsgd/wait_ms/f{f}"))
+    assert "hpsgd/comm_ms/f2" not in rows[0]
+
+
 def test_monitor_can_be_turned_off(tmp_path):
     run_ranks("fit", tmp_path, {"csv_logger": True, "log_every_n_steps": 2, "monitor": False, "max_epochs": 1})
     rows = read_metrics(tmp_path)

@@ -135,6 +135,21 @@ def test_lightning_cli_sync_every_auto_from_yaml_and_the_command_line(tmp_path):
     assert cli.trainer.strategy.sync_every == 8
 
 
+def test_lightning_cli_sync_delay_and_fragments_from_yaml_and_the_command_line(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n  accelerator: cpu\n  devices: 2\n  logger: false\n  strategy:\n"
+        "    class_path: lightning_hpsgd.HPSGDStrategy\n    init_args:\n      sync_every: 16\n"
+        "      sync_delay: auto\n      fragments: 4\n"
+    )
+    cli = LightningCLI(Regressor, run=False, args=["--config", str(config)])
+    strategy = cli.trainer.strategy
+    assert (strategy.sync_every, strategy.sync_delay, strategy.fragments) == (16, "auto", 4)
+    cli = LightningCLI(Regressor, run=False, args=["--config", str(config), "--trainer.strategy.sync_delay", "3"])
+    assert cli.trainer.strategy.sync_delay == 3
+    assert cli.trainer.strategy.hyperparameters["sync_delay"] == 3
+
+
 def test_lightning_cli_strategy_by_name():
     cli = LightningCLI(
         Regressor,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lightning_hpsgd import side_channel
-from lightning_hpsgd.schedule import Schedule, agreed_sync_every
+from lightning_hpsgd.schedule import Schedule, agreed_sync_delay, agreed_sync_every
 
 
 class FakeClock:
@@ -105,3 +105,34 @@ def test_auto_state_round_trips_and_a_fixed_h_has_none():
     restored.load_state_dict(schedule.state_dict())
     assert (restored.sync_every, restored.next_sync) == (4, 40)  # never above the new max
     assert Schedule(2, 32).state_dict() == {}
+
+
+def test_fragments_end_their_rounds_at_steps_spread_over_h():
+    schedule = Schedule(16, 32, fragments=4)
+    ends = {f: [s for s in range(1, 33) if f in schedule.count(s)] for f in range(4)}
+    assert ends == {0: [16, 32], 1: [4, 20], 2: [8, 24], 3: [12, 28]}
+    jumping = Schedule(4, 32, fragments=2)  # steps may jump: a round ends at the first step at or past its boundary
+    assert [(s, jumping.count(s)) for s in (1, 3, 5, 8)] == [(1, ()), (3, (1,)), (5, (0,)), (8, (0, 1))]
+
+
+def test_auto_delay_is_the_smallest_that_hides_the_link_at_most_h_and_grows_only_while_ranks_wait():
+    # 50 ms all-reduce over steps of 10 and 12 ms: ceil(1.25 x 50 / 12) = 6 steps hide it.
+    hidden = slots_of([(0.010, 0.050, 0.0), (0.012, 0.060, 0.0)])
+    assert agreed_sync_delay(hidden, 16, 16) == 6  # shrinks from H at once
+    assert agreed_sync_delay(hidden, 3, 16) == 3  # would grow, but no rank waits: already hidden
+    waiting = slots_of([(0.010, 0.050, 0.0), (0.012, 0.060, 0.005)])
+    assert agreed_sync_delay(waiting, 3, 16) == 6
+    assert agreed_sync_delay(waiting, 3, 4) == 4  # never above H
+    assert agreed_sync_delay(slots_of([(0.01, None), (0.01, 0.05)]), 16, 16) == 16  # until every rank measured
+
+
+def test_auto_delay_follows_h_until_agreed_then_round_trips_through_its_state():
+    schedule = Schedule(8, 32, sync_delay="auto")
+    assert schedule.delay == 8
+    schedule.agree(slots_of([(0.010, 0.020, 0.0), (0.010, 0.020, 0.0)]))
+    assert schedule.delay == 3  # ceil(1.25 x 20 / 10)
+    restored = Schedule(8, 32, sync_delay="auto")
+    restored.load_state_dict(schedule.state_dict())
+    assert restored.delay == 3
+    assert Schedule(8, 32, sync_delay=2).state_dict() == {}  # a fixed delay has no state
+    assert Schedule(8, 32, sync_delay=2).delay == 2 and Schedule("auto", 32, sync_delay=5).delay == 1  # at most H

@@ -88,6 +88,7 @@ class EngineAtStart(Callback):
         self.record = {
             "rounds": engine.stats.rounds,
             "sync_every": engine.sync_every,
+            "sync_delay": engine.sync_delay,
             "next_sync": engine.schedule.next_sync,
             "outer_momentum": state.get("outer_momentum"),
         }
@@ -368,7 +369,7 @@ def scenario_engine(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
     totals = [torch.zeros_like(t, dtype=torch.float64) for t in replica]
     gen = torch.Generator().manual_seed(int(os.environ["NODE_RANK"]) if nodes is not None else rank)
     history = []
-    sync_steps, sync_every, proposals = [], [], []
+    sync_steps, sync_every, proposals, sync_delays = [], [], [], []
     step = 0
     try:
         for step in range(1, args.get("steps", 7) + 1):
@@ -396,6 +397,7 @@ def scenario_engine(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
                 proposals.append(
                     (engine.schedule.step_seconds, engine.schedule.comm_seconds, engine.schedule.wait_seconds)
                 )
+                sync_delays.append(engine.sync_delay)
             history.append([t.clone() for t in replica])
             if args.get("mid_flush_at") == step:
                 engine.flush(step)
@@ -420,6 +422,7 @@ def scenario_engine(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
         sync_steps=sync_steps,
         sync_every=sync_every,
         proposals=proposals,
+        sync_delays=sync_delays,
         state=engine.state_dict(),
         stats=engine.stats.to_dict(),
         stop_requested=int(engine.stop_requested),

@@ -344,6 +344,7 @@ def summarize(config: BenchConfig, link: Link, equal_steps: dict, equal_time: di
             "extra_state_bytes": runs[0][0].get("hpsgd_state_bytes"),
             # H at the end of each equal-steps run (what sync_every="auto" settled at)
             "final_sync_every": [ranks[0].get("sync_every") for ranks in runs],
+            "final_sync_delay": [ranks[0].get("sync_delay") for ranks in runs],
             "val_acc_equal_steps": statistics.median(ranks[0]["val_acc"] for ranks in runs),
             "val_acc_equal_time": statistics.median(ranks[0]["val_acc"] for ranks in equal_time[name]),
             "steps_in_time_budget": statistics.median(ranks[0]["steps"] for ranks in equal_time[name]),
@@ -355,7 +356,9 @@ def summarize(config: BenchConfig, link: Link, equal_steps: dict, equal_time: di
                      ("hpsgd_auto", "compute-only"), ("hpsgd_auto", "hpsgd_h4"), ("hpsgd", "localsgd"),
                      ("hpsgd_stale", "hpsgd"), ("ddp", "compute-only"), ("hpsgd_node", "hpsgd"),
                      ("hpsgd_node_h4", "hpsgd_h4"), ("hpsgd_node", "ddp"),
-                     ("hpsgd_node_h4", "compute-only")):  # fmt: skip
+                     ("hpsgd_node_h4", "compute-only"), ("hpsgd_h16_delay", "compute-only"),
+                     ("hpsgd_h16_f4", "compute-only"), ("hpsgd_h16_f4", "ddp"),
+                     ("hpsgd_h16_f4", "hpsgd_h4")):  # fmt: skip
         if num in strategies and den in strategies:
             ratios[f"{num}/{den}"] = strategies[num]["step_time_s"]["median"] / strategies[den]["step_time_s"]["median"]
     param_bytes = link.param_bytes
@@ -451,6 +454,10 @@ def markdown(report: dict[str, Any]) -> str:
     if auto and any(h is not None for h in auto.get("final_sync_every", [])):
         settled = auto["final_sync_every"]
         lines += [f"hpsgd_auto ended its equal-steps runs at sync_every = {settled} (one value per repeat).", ""]
+    for name in ("hpsgd_h16_delay", "hpsgd_h16_f4"):
+        delays = report["strategies"].get(name, {}).get("final_sync_delay", [])
+        if any(d is not None for d in delays):
+            lines += [f"{name} ended its equal-steps runs at sync_delay = {delays} (one value per repeat).", ""]
     lines += ["| ratio (median step times) | value | target |", "| --- | --- | --- |"]
     for key, value in report["ratios"].items():
         bound = TARGETS.get(key)

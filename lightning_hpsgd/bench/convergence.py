@@ -13,8 +13,11 @@ workers may share few cores.
   ``DistributedDataParallel``, and post-local SGD is PyTorch's own (``post_localSGD_hook``,
   ``PostLocalSGDOptimizer`` with ``PeriodicModelAverager``), as in [`PostLocalSGDStrategy`][].
 * **Methods.** ``ddp``; and ``localsgd``, ``hpsgd``, ``hpsgd_stale`` and ``hpsgd_outer`` (HPSGD with the outer
-  optimizer) at each ``H``. Post-local SGD's models are averaged once more after the last step, so that every
-  method is evaluated on one model.
+  optimizer, merged at the next sync point: ``τ = H``) at each ``H``. With the outer optimizer too, at each
+  ``H``: ``diloco`` (``τ = 0``, a blocking average: DiLoCo), ``hpsgd_delay`` (each ``τ`` of ``--delays`` below
+  ``H``) and ``hpsgd_fragments`` (each ``F`` of ``--fragments``, with the smallest ``τ`` that hides a link of
+  ``--link-ratio`` steps per full all-reduce: ``⌈1.25 · ratio / F⌉``, at most ``H``). Post-local SGD's models are
+  averaged once more after the last step, so that every method is evaluated on one model.
 * **Measures.** Validation accuracy of the final model, and the final training loss (the mean over the last tenth
   of the steps and over the workers); mean ± standard deviation over the seeds.
 * **Output.** ``results.jsonl`` (one line per run; a rerun with the same ``--out`` skips the runs already there),
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import statistics
@@ -39,7 +43,8 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("localsgd", "hpsgd", "hpsgd_stale", "hpsgd_outer")
+FAMILIES = ("localsgd", "hpsgd", "hpsgd_stale", "hpsgd_outer", "diloco", "hpsgd_delay", "hpsgd_fragments")
+OUTER_FAMILIES = ("hpsgd_outer", "diloco", "hpsgd_delay", "hpsgd_fragments")
 # Steps per budget ("short", "long"). MNIST-1D: where large H costs most, and where it costs little. Reverse: the
 # task is solved once attention finds the mirrored position; at 8 workers DDP finds it within 200 steps and
 # HPSGD at H = 16 within 300, so 200 separates the methods and 400 shows whether each gets there.
@@ -60,6 +65,9 @@ class StudyConfig:
     # The best of a sweep at W = 8, H = 16, MNIST-1D, 300 steps, one seed (docs/benchmarks.md).
     outer_lr: float = 0.8
     outer_momentum: float = 0.6
+    delays: tuple[int, ...] = (1, 2, 4)
+    fragments: tuple[int, ...] = (2, 4)
+    link_ratio: float = 4.0  # full all-reduce time / step time that hpsgd_fragments' delay must hide
     batch_size: int = 32
     data_dir: str = "data/mnist1d"
     out: str = "convergence_results"
@@ -67,19 +75,39 @@ class StudyConfig:
 
     @classmethod
     def quick(cls, out: str, data_dir: str) -> StudyConfig:
-        """A smoke run: 2 workers, one seed, every method at H = 4, 24 steps per task."""
+        """A smoke run: 2 workers, one seed, every family at H = 4 (one delay, one fragment count), 24 steps."""
         return cls(workers=(2,), seeds=1, sync_every=(4,), budgets={"mnist1d": (24,), "reverse": (24,)}, out=out,
-                   data_dir=data_dir)  # fmt: skip
+                   data_dir=data_dir, delays=(1,), fragments=(2,))  # fmt: skip
 
 
-def methods(config: StudyConfig) -> list[tuple[str, int | None]]:
-    """``(family, H)`` of every method: ``("ddp", None)``, then each family at each ``H``."""
-    ddp = [("ddp", None)] if "ddp" in config.families else []
-    return ddp + [(family, h) for family in FAMILIES if family in config.families for h in config.sync_every]
+Method = tuple[str, int | None, int | None, int]  # family, H, sync_delay (None: H), fragments
 
 
-def method_name(family: str, h: int | None) -> str:
-    return family if h is None else f"{family} H={h}"
+def methods(config: StudyConfig) -> list[Method]:
+    """Every method: ``("ddp", None, None, 1)``, then each family at each ``H`` (with its delays and fragments)."""
+    out: list[Method] = [("ddp", None, None, 1)] if "ddp" in config.families else []
+    for family in (f for f in FAMILIES if f in config.families):
+        for h in config.sync_every:
+            if family == "diloco":
+                out.append((family, h, 0, 1))
+            elif family == "hpsgd_delay":
+                out += [(family, h, tau, 1) for tau in config.delays if tau < h]
+            elif family == "hpsgd_fragments":
+                out += [(family, h, min(h, math.ceil(1.25 * config.link_ratio / f)), f) for f in config.fragments
+                        if 1 < f <= h]  # fmt: skip
+            else:
+                out.append((family, h, None, 1))
+    return out
+
+
+def method_name(family: str, h: int | None, tau: int | None = None, fragments: int = 1) -> str:
+    if h is None:
+        return family
+    return (
+        f"{family} H={h}"
+        + (f" τ={tau}" if family in ("hpsgd_delay", "hpsgd_fragments") else "")
+        + (f" F={fragments}" if fragments > 1 else "")
+    )
 
 
 def jobs(config: StudyConfig, workers: int) -> list[dict[str, Any]]:
@@ -87,14 +115,20 @@ def jobs(config: StudyConfig, workers: int) -> list[dict[str, Any]]:
     for task in config.tasks:
         for budget, steps in zip(("short", "long"), config.budgets[task]):
             for seed in range(config.seeds):
-                for family, h in methods(config):
+                for family, h, tau, fragments in methods(config):
                     out.append({"task": task, "budget": budget, "steps": steps, "seed": seed, "family": family,
-                                "sync_every": h, "workers": workers})  # fmt: skip
+                                "sync_every": h, "sync_delay": tau, "fragments": fragments,
+                                "workers": workers})  # fmt: skip
     return out
 
 
 def _key(job: dict[str, Any]) -> tuple:
-    return (job["task"], job["budget"], job["steps"], job["seed"], job["family"], job["sync_every"], job["workers"])
+    return (job["task"], job["budget"], job["steps"], job["seed"], job["family"], job["sync_every"], job["workers"],
+            job.get("sync_delay"), job.get("fragments", 1))  # fmt: skip
+
+
+def _method(job: dict[str, Any]) -> Method:
+    return job["family"], job["sync_every"], job.get("sync_delay"), job.get("fragments", 1)
 
 
 # ---------------------------------------------------------------------------------------------------- the workers
@@ -186,7 +220,8 @@ def run_job(job: dict[str, Any], task: _Task, config: dict[str, Any], groups: di
         outer = {"outer_lr": config["outer_lr"], "outer_momentum": config["outer_momentum"]}
         engine = HPSGDEngine(tensors, averaged, group=groups["hpsgd"], sync_every=h,
                              merge="stale" if family == "hpsgd_stale" else "replica",
-                             **(outer if family == "hpsgd_outer" else {}))  # fmt: skip
+                             sync_delay=job.get("sync_delay"), fragments=job.get("fragments", 1),
+                             **(outer if family in OUTER_FAMILIES else {}))  # fmt: skip
     losses = []
     batches = task.batches(rank, world, config["batch_size"], job["seed"])
     started = time.perf_counter()
@@ -287,10 +322,10 @@ def _read(path: Path) -> list[dict[str, Any]]:
 
 
 def summarize(results: Sequence[dict[str, Any]]) -> dict[tuple, dict[str, float]]:
-    """Mean and standard deviation over seeds of accuracy and loss, per (task, budget, W, family, H)."""
+    """Mean and standard deviation over seeds of accuracy and loss, per (task, budget, W, method)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in results:
-        groups.setdefault((r["task"], r["budget"], r["workers"], r["family"], r["sync_every"]), []).append(r)
+        groups.setdefault((r["task"], r["budget"], r["workers"], *_method(r)), []).append(r)
     out = {}
     for key, runs in groups.items():
         acc = [r["val_acc"] for r in runs]
@@ -302,24 +337,28 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[tuple, dict[str, float]
 
 
 def goal_lines(config: StudyConfig, table: dict[tuple, dict[str, float]]) -> list[str]:
-    """The study's goal at the largest W and H, short budget: outer within 1 point of DDP and above local SGD."""
+    """At the largest W and H, short budget: DDP, post-local SGD, the merge at the next sync point (``τ = H``),
+    blocking DiLoCo (``τ = 0``) and the setting that hides the link with the most fragments."""
     w, h = max(config.workers), max(config.sync_every)
+    fitted = [m for m in methods(config) if m[0] == "hpsgd_fragments" and m[1] == h]
+    candidates = [
+        ("DDP", ("ddp", None, None, 1)),
+        ("post-local SGD", ("localsgd", h, None, 1)),
+        (f"HPSGD τ = H = {h}", ("hpsgd_outer", h, None, 1)),
+        ("DiLoCo (τ = 0)", ("diloco", h, 0, 1)),
+    ]
+    if fitted:
+        f, tau = fitted[-1][3], fitted[-1][2]
+        candidates.append((f"HPSGD F = {f}, τ = {tau}", fitted[-1]))  # fmt: skip
     lines = []
     for task in config.tasks:
-        ddp, outer, local, plain = (
-            table.get((task, "short", w, family, hh))
-            for family, hh in (("ddp", None), ("hpsgd_outer", h), ("localsgd", h), ("hpsgd", h))
-        )
-        if not (ddp and outer and local and plain):
+        found = [(label, table.get((task, "short", w, *m))) for label, m in candidates]
+        if not found[0][1]:
             continue
-        gap = 100 * (ddp["acc"] - outer["acc"])
-        met = gap <= 1.0 and outer["acc"] > local["acc"]
-        lines.append(
-            f"- **{task}**, W = {w}, H = {h}, short budget: HPSGD with the outer optimizer {outer['acc']:.4f}, DDP"
-            f" {ddp['acc']:.4f} ({abs(gap):.1f} points {'behind' if gap > 0 else 'ahead'}), post-local SGD"
-            f" {local['acc']:.4f}, plain HPSGD"
-            f" {plain['acc']:.4f}: goal **{'met' if met else 'not met'}**."
-        )
+        ddp = found[0][1]["acc"]
+        parts = [f"{label} {s['acc']:.3f}" + (f" ({100 * (s['acc'] - ddp):+.1f})" if label != "DDP" else "")
+                 for label, s in found if s]  # fmt: skip
+        lines.append(f"- **{task}**, W = {w}, H = {h}, short budget: " + ", ".join(parts) + ".")
     return lines
 
 
@@ -337,12 +376,13 @@ def markdown(config: StudyConfig, results: Sequence[dict[str, Any]]) -> str:
         header = " | ".join(f"W={w}, {steps[b]} steps" for b, w in columns)
         for measure, title in (("acc", "validation accuracy"), ("loss", "final training loss")):
             lines += [f"## {task}: {title}", "", f"| method | {header} |", "|---" * (len(columns) + 1) + "|"]
-            for family, h in methods(config):
+            for method in methods(config):
                 cells = []
                 for b, w in columns:
-                    s = table.get((task, b, w, family, h))
+                    s = table.get((task, b, w, *method))
                     cells.append("–" if s is None else f"{s[measure]:.4f} ± {s[measure + '_std']:.4f}")
-                lines.append(f"| {method_name(family, h)} | " + " | ".join(cells) + " |")
+                if any(c != "–" for c in cells):
+                    lines.append(f"| {method_name(*method)} | " + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines)
 
@@ -363,14 +403,16 @@ def plot(config: StudyConfig, results: Sequence[dict[str, Any]], out: Path) -> l
         for row, (budget, steps) in enumerate(budgets):
             for col, w in enumerate(config.workers):
                 ax = axes[row][col]
-                for family in FAMILIES:
-                    points = [(h, table.get((task, budget, w, family, h))) for h in config.sync_every]
-                    points = [(h, s) for h, s in points if s is not None]
-                    if points:
-                        ax.errorbar([h for h, _ in points], [s["acc"] for _, s in points],
-                                    yerr=[s["acc_std"] for _, s in points], marker="o", capsize=3,
-                                    label=family)  # fmt: skip
-                ddp = table.get((task, budget, w, "ddp", None))
+                series: dict[str, list[tuple[int, dict[str, float]]]] = {}
+                for method in methods(config):  # one line per method apart from H
+                    found = table.get((task, budget, w, *method))
+                    if method[1] is not None and found is not None:
+                        label = method_name(*method).replace(f" H={method[1]}", "")
+                        series.setdefault(label, []).append((method[1], found))
+                for label, points in series.items():
+                    ax.errorbar([h for h, _ in points], [s["acc"] for _, s in points],
+                                yerr=[s["acc_std"] for _, s in points], marker="o", capsize=3, label=label)  # fmt: skip
+                ddp = table.get((task, budget, w, "ddp", None, None, 1))
                 if ddp:
                     ax.axhline(ddp["acc"], color="black", linestyle="--", label="ddp")
                 ax.set_xscale("log", base=2)
@@ -415,6 +457,16 @@ def main(args: Sequence[str]) -> None:
         choices=list(defaults.families),
         help="which methods to run (default: all)",
     )
+    parser.add_argument("--delays", type=int, nargs="+", default=list(defaults.delays),
+                        help="hpsgd_delay's sync_delay values (each below H; default %(default)s)")  # fmt: skip
+    parser.add_argument("--fragments", type=int, nargs="+", default=list(defaults.fragments),
+                        help="hpsgd_fragments' fragment counts (default %(default)s)")  # fmt: skip
+    parser.add_argument(
+        "--link-ratio",
+        type=float,
+        default=defaults.link_ratio,
+        help="full all-reduce time over step time that hpsgd_fragments' delay hides (default 4)",
+    )
     parser.add_argument("--outer-lr", type=float, default=defaults.outer_lr)
     parser.add_argument("--outer-momentum", type=float, default=defaults.outer_momentum)
     parser.add_argument("--short", type=int, help="steps of the short budget (default: 300 MNIST-1D, 200 reverse)")
@@ -440,6 +492,9 @@ def main(args: Sequence[str]) -> None:
             budgets=budgets,
             outer_lr=options.outer_lr,
             outer_momentum=options.outer_momentum,
+            delays=tuple(options.delays),
+            fragments=tuple(options.fragments),
+            link_ratio=options.link_ratio,
             data_dir=options.data_dir,
             out=options.out,
         )

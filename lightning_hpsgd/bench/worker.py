@@ -23,7 +23,10 @@ import torch
 
 # What a plain run compares; the "_node" strategies (hierarchy="node") are for runs with several workers per node.
 DEFAULT_STRATEGIES = ("ddp", "localsgd", "hpsgd", "hpsgd_h4", "hpsgd_auto", "hpsgd_stale", "compute-only")
-STRATEGIES = (*DEFAULT_STRATEGIES, "hpsgd_node", "hpsgd_node_h4")
+# The settings for slow links: H = 16 with the outer optimizer and the merge delay chosen from the measured times,
+# the whole model in one round (hpsgd_h16_delay) or in 4 fragments (hpsgd_h16_f4, the recommended one).
+SLOW_LINK = {"sync_every": 16, "sync_delay": "auto", "outer_lr": 0.8, "outer_momentum": 0.6}
+STRATEGIES = (*DEFAULT_STRATEGIES, "hpsgd_node", "hpsgd_node_h4", "hpsgd_h16_delay", "hpsgd_h16_f4")
 
 
 def make_strategy(name: str, timeout_s: float, monitor: bool = False) -> Any:
@@ -41,7 +44,8 @@ def make_strategy(name: str, timeout_s: float, monitor: bool = False) -> Any:
                                     timeout=timeout)  # fmt: skip
     hpsgd = {"hpsgd": {}, "hpsgd_h4": {"sync_every": 4}, "hpsgd_auto": {"sync_every": "auto"},
              "hpsgd_stale": {"merge": "stale"}, "hpsgd_node": {"hierarchy": "node"},
-             "hpsgd_node_h4": {"hierarchy": "node", "sync_every": 4}}  # fmt: skip
+             "hpsgd_node_h4": {"hierarchy": "node", "sync_every": 4}, "hpsgd_h16_delay": SLOW_LINK,
+             "hpsgd_h16_f4": {**SLOW_LINK, "fragments": 4}}  # fmt: skip
     if name in hpsgd:
         return HPSGDStrategy(process_group_backend="gloo", timeout=timeout, monitor=monitor, **hpsgd[name])
     if name == "compute-only":
@@ -95,7 +99,8 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
             engine = getattr(trainer.strategy, "engine", None)
             if engine is not None:
                 buffers = (engine.global_, engine.start)
-                self.state_bytes = sum(t.numel() * t.element_size() for t in buffers) + engine.wire.nbytes
+                wires = sum(w.nbytes for w in engine.rounds.wires)
+                self.state_bytes = sum(t.numel() * t.element_size() for t in buffers) + wires
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             if self.last is None:
@@ -164,6 +169,7 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
         "wait_seconds": stats.wait_seconds if stats is not None else None,
         "rounds": stats.rounds if stats is not None else None,
         "sync_every": stats.sync_every if stats is not None else None,
+        "sync_delay": stats.sync_delay if stats is not None else None,
         "rss_before_fit_mb": rss_before,
         "peak_rss_mb": peak,
         "param_bytes": param_bytes,
