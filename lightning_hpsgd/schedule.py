@@ -13,12 +13,14 @@ from typing import Any
 from lightning_hpsgd.options import SyncDelay, SyncEvery
 from lightning_hpsgd.side_channel import Slot
 
-__all__ = ["AUTO_MARGIN", "HIDDEN_WAIT", "Schedule", "agreed_sync_delay", "agreed_sync_every"]
+__all__ = ["AUTO_MARGIN", "DELAY_SHRINK_MARGIN", "HIDDEN_WAIT", "Schedule", "agreed_sync_delay", "agreed_sync_every"]
 
 # "auto" chooses the smallest H with comm <= H x step / AUTO_MARGIN, from moving averages of both.
 AUTO_MARGIN = 1.25
 # A round is hidden when the slowest rank waits less than this fraction of one of its steps per round.
 HIDDEN_WAIT = 0.2
+# sync_delay="auto" shrinks only to a delay with this margin over the measured comm time.
+DELAY_SHRINK_MARGIN = 1.5
 _SMOOTHING = 0.3
 
 
@@ -39,11 +41,30 @@ def agreed_sync_every(slots: Sequence[Slot], current: int, max_sync_every: int) 
 
 
 def agreed_sync_delay(slots: Sequence[Slot], current: int, sync_every: int) -> int:
-    """``sync_delay="auto"``: the smallest ``τ`` (from 1 to ``H``) whose ``τ`` steps of the slowest rank's compute
-    hide one all-reduce, measured and agreed as in [`agreed_sync_every`][] (the smallest comm time any rank measured,
-    the largest step time; ``τ`` grows only while the slowest rank waits). With ``fragments``, a round is one
-    fragment's all-reduce, so the delay covers ``1/F`` of the model's bytes."""
-    return _hiding_steps(slots, min(current, sync_every), sync_every)
+    """``sync_delay="auto"``: the delay whose ``τ`` steps of the slowest rank's compute hide one all-reduce, from 1 to
+    ``H``, from the figures every rank sent (so every rank agrees).
+
+    * While the slowest rank waits at its merges (at least ``HIDDEN_WAIT`` of one of its steps), ``τ`` grows: to
+      ``⌈AUTO_MARGIN · comm / step⌉`` if that is larger, else by one step. A wait says the link is not hidden,
+      whatever the estimate says: on a machine whose cores are all busy with compute, the all-reduce itself runs
+      slower than the link alone would let it.
+    * While it does not wait, ``τ`` may only shrink, to ``⌈DELAY_SHRINK_MARGIN · comm / step⌉``: a wider margin than
+      for growing, so that ``τ`` does not swing between a value that hides the link and one that just fails to.
+
+    ``comm`` is the smallest communication time any rank measured and ``step`` the largest step time, as in
+    [`agreed_sync_every`][]: a fast rank's comm includes its wait for slow peers, and the slowest rank's wait is the
+    only one the link alone causes. With ``fragments``, a round is one fragment's all-reduce (``1/F`` of the bytes).
+    """
+    current = min(current, sync_every)
+    comms = [s.comm_seconds for s in slots if s.comm_seconds > 0]
+    steps = [s.step_seconds for s in slots if s.step_seconds > 0]
+    if len(comms) < len(slots) or len(steps) < len(slots):
+        return current
+    slowest = max(slots, key=lambda s: s.step_seconds)
+    ratio = min(comms) / slowest.step_seconds
+    if slowest.wait_seconds >= HIDDEN_WAIT * slowest.step_seconds:
+        return min(max(math.ceil(AUTO_MARGIN * ratio), current + 1), sync_every)
+    return max(min(math.ceil(DELAY_SHRINK_MARGIN * ratio), current), 1)
 
 
 def _hiding_steps(slots: Sequence[Slot], current: int, cap: int) -> int:

@@ -115,14 +115,17 @@ def test_fragments_end_their_rounds_at_steps_spread_over_h():
     assert [(s, jumping.count(s)) for s in (1, 3, 5, 8)] == [(1, ()), (3, (1,)), (5, (0,)), (8, (0, 1))]
 
 
-def test_auto_delay_is_the_smallest_that_hides_the_link_at_most_h_and_grows_only_while_ranks_wait():
-    # 50 ms all-reduce over steps of 10 and 12 ms: ceil(1.25 x 50 / 12) = 6 steps hide it.
+def test_auto_delay_shrinks_with_a_margin_while_hidden_and_grows_while_the_slowest_rank_waits():
+    # A 50 ms all-reduce over steps of 10 and 12 ms.
     hidden = slots_of([(0.010, 0.050, 0.0), (0.012, 0.060, 0.0)])
-    assert agreed_sync_delay(hidden, 16, 16) == 6  # shrinks from H at once
-    assert agreed_sync_delay(hidden, 3, 16) == 3  # would grow, but no rank waits: already hidden
-    waiting = slots_of([(0.010, 0.050, 0.0), (0.012, 0.060, 0.005)])
-    assert agreed_sync_delay(waiting, 3, 16) == 6
-    assert agreed_sync_delay(waiting, 3, 4) == 4  # never above H
+    assert agreed_sync_delay(hidden, 16, 16) == 7  # from H down to ceil(1.5 x 50 / 12) at once
+    assert agreed_sync_delay(hidden, 3, 16) == 3  # no rank waits: it never grows
+    slowest_waits = slots_of([(0.010, 0.050, 0.0), (0.012, 0.060, 0.005)])
+    assert agreed_sync_delay(slowest_waits, 3, 16) == 6  # to ceil(1.25 x 50 / 12)
+    assert agreed_sync_delay(slowest_waits, 7, 16) == 8  # the estimate is already met: one step more
+    assert agreed_sync_delay(slowest_waits, 7, 4) == 4  # never above H
+    fast_rank_waits = slots_of([(0.010, 0.050, 0.009), (0.012, 0.060, 0.0)])
+    assert agreed_sync_delay(fast_rank_waits, 5, 16) == 5  # a fast rank waiting for a slow one is not the link
     assert agreed_sync_delay(slots_of([(0.01, None), (0.01, 0.05)]), 16, 16) == 16  # until every rank measured
 
 
@@ -130,7 +133,7 @@ def test_auto_delay_follows_h_until_agreed_then_round_trips_through_its_state():
     schedule = Schedule(8, 32, sync_delay="auto")
     assert schedule.delay == 8
     schedule.agree(slots_of([(0.010, 0.020, 0.0), (0.010, 0.020, 0.0)]))
-    assert schedule.delay == 3  # ceil(1.25 x 20 / 10)
+    assert schedule.delay == 3  # ceil(1.5 x 20 / 10)
     restored = Schedule(8, 32, sync_delay="auto")
     restored.load_state_dict(schedule.state_dict())
     assert restored.delay == 3
