@@ -45,9 +45,10 @@ def agreed_sync_delay(slots: Sequence[Slot], current: int, sync_every: int) -> i
     ``H``, from the figures every rank sent (so every rank agrees).
 
     * While the slowest rank waits at its merges (at least ``HIDDEN_WAIT`` of one of its steps), ``τ`` grows: to
-      ``⌈AUTO_MARGIN · comm / step⌉`` if that is larger, else by one step. A wait says the link is not hidden,
-      whatever the estimate says: on a machine whose cores are all busy with compute, the all-reduce itself runs
-      slower than the link alone would let it.
+      ``⌈AUTO_MARGIN · comm / step⌉`` if that is larger, else by one step, up to one step more than the shrink
+      margin's delay below. A wait says the link is not hidden, whatever the estimate says (on a machine whose
+      cores are all busy with compute, the all-reduce runs slower than the link alone would let it); the bound
+      keeps noise from ratcheting ``τ`` up to ``H``.
     * While it does not wait, ``τ`` may only shrink, to ``⌈DELAY_SHRINK_MARGIN · comm / step⌉``: a wider margin than
       for growing, so that ``τ`` does not swing between a value that hides the link and one that just fails to.
 
@@ -63,7 +64,8 @@ def agreed_sync_delay(slots: Sequence[Slot], current: int, sync_every: int) -> i
     slowest = max(slots, key=lambda s: s.step_seconds)
     ratio = min(comms) / slowest.step_seconds
     if slowest.wait_seconds >= HIDDEN_WAIT * slowest.step_seconds:
-        return min(max(math.ceil(AUTO_MARGIN * ratio), current + 1), sync_every)
+        step_more = min(current + 1, math.ceil(DELAY_SHRINK_MARGIN * ratio) + 1)
+        return min(max(math.ceil(AUTO_MARGIN * ratio), step_more, current), sync_every)
     return max(min(math.ceil(DELAY_SHRINK_MARGIN * ratio), current), 1)
 
 

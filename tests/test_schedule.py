@@ -123,6 +123,7 @@ def test_auto_delay_shrinks_with_a_margin_while_hidden_and_grows_while_the_slowe
     slowest_waits = slots_of([(0.010, 0.050, 0.0), (0.012, 0.060, 0.005)])
     assert agreed_sync_delay(slowest_waits, 3, 16) == 6  # to ceil(1.25 x 50 / 12)
     assert agreed_sync_delay(slowest_waits, 7, 16) == 8  # the estimate is already met: one step more
+    assert agreed_sync_delay(slowest_waits, 8, 16) == 8  # but no more than ceil(1.5 x 50 / 12) + 1
     assert agreed_sync_delay(slowest_waits, 7, 4) == 4  # never above H
     fast_rank_waits = slots_of([(0.010, 0.050, 0.009), (0.012, 0.060, 0.0)])
     assert agreed_sync_delay(fast_rank_waits, 5, 16) == 5  # a fast rank waiting for a slow one is not the link
