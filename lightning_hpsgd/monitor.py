@@ -154,8 +154,9 @@ class HPSGDMonitor(Callback):
         metrics["hpsgd/sync_delay"] = float(_engine(trainer).sync_delay)
         if stats.fragments > 1:
             for f, (wait_s, comm_s) in enumerate(zip(stats.fragment_wait_seconds, stats.fragment_comm_seconds)):
-                metrics[f"hpsgd/comm_ms/f{f}"] = 1000 * comm_s
-                metrics[f"hpsgd/wait_ms/f{f}"] = 1000 * wait_s
+                if comm_s is not None and wait_s is not None:  # timed at least once
+                    metrics[f"hpsgd/comm_ms/f{f}"] = 1000 * comm_s
+                    metrics[f"hpsgd/wait_ms/f{f}"] = 1000 * wait_s
         if new_timed:  # no round was timed yet in this interval: nothing to say about comm and wait
             metrics["hpsgd/comm_ms"] = comm_ms
             metrics["hpsgd/wait_ms"] = wait_ms

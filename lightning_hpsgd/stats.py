@@ -42,7 +42,7 @@ class EngineStats:
             ``sync_delay="auto"``, the latest agreed value).
         fragments: ``F``, the parts of the model whose rounds are launched at different steps.
         fragment_wait_seconds, fragment_comm_seconds: the wait and communication seconds of each fragment's
-            latest timed round (``F`` values each).
+            latest timed round (``None`` for a fragment not timed yet).
     """
 
     rounds: int = 0
@@ -62,8 +62,8 @@ class EngineStats:
     sync_every: int = 0
     sync_delay: int = 0
     fragments: int = 1
-    fragment_wait_seconds: list[float] = field(default_factory=list)
-    fragment_comm_seconds: list[float] = field(default_factory=list)
+    fragment_wait_seconds: list[float | None] = field(default_factory=list)
+    fragment_comm_seconds: list[float | None] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The counters as plain Python values (``last_drift`` as a float or ``None``)."""
@@ -90,7 +90,7 @@ class EngineStats:
         """Count one timed round (of ``fragment``)."""
         for per_fragment, value in ((self.fragment_wait_seconds, wait_seconds),
                                     (self.fragment_comm_seconds, comm_seconds)):  # fmt: skip
-            per_fragment.extend([0.0] * (max(self.fragments, fragment + 1) - len(per_fragment)))
+            per_fragment.extend([None] * (max(self.fragments, fragment + 1) - len(per_fragment)))
             per_fragment[fragment] = value
         self.timed_rounds += 1
         self.last_wait_seconds = wait_seconds
