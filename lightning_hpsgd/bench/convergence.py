@@ -269,7 +269,7 @@ def worker_main(jobs_file: str, results_file: str) -> None:
             with open(results_file, "a") as f:
                 f.write(json.dumps(result) + "\n")
             print(f"W={job['workers']} {job['task']:<8} {job['budget']:<5} seed {job['seed']}"
-                  f" {method_name(job['family'], job['sync_every']):<15} val_acc {result['val_acc']:.4f}"
+                  f" {method_name(*_method(job)):<15} val_acc {result['val_acc']:.4f}"
                   f"  loss {result['train_loss']:.4f}  {result['seconds']:.1f} s", flush=True)  # fmt: skip
     dist.barrier()
     dist.destroy_process_group()
