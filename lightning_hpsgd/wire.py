@@ -177,7 +177,8 @@ class Wire:
 
     def finish(self, rnd: Round) -> float:
         """Wait for ``rnd`` and gather the node's shares; then ``payload`` and ``meta`` hold the sums. Returns the
-        host seconds waited. Raises the backend's ``RuntimeError`` if a peer failed or the timeout passed."""
+        host seconds waited for the all-reduce (the node's all-gather excluded). Raises the backend's
+        ``RuntimeError`` if a peer failed or the timeout passed."""
         started = time.perf_counter()
         self._wait_events = None
         if not self._nccl_like:
@@ -192,13 +193,16 @@ class Wire:
             current.wait_stream(self._comm_stream)
             if self._wait_events is not None:
                 self._wait_events[1].record(current)
+        # The wait for the link: the node's all-gather below is not part of it (a later merge cannot hide it, so
+        # counting it would keep sync_delay="auto" from shrinking and make sync_every="auto" grow).
+        waited = time.perf_counter() - started
         if self._node_group is not None:
             # Every rank of the node receives the node's merged shares and side channels (each side channel holds
             # the slots of the ranks with its local rank; their sum holds every rank's).
             dist.all_gather(list(self._gathered.unbind(0)), self._share, group=self._node_group)
             dist.all_gather(list(self._gathered_meta.unbind(0)), self._wire_meta, group=self._node_group)
             torch.sum(self._gathered_meta, dim=0, out=self.meta)
-        return time.perf_counter() - started
+        return waited
 
     def sum_is_finite(self) -> bool:
         """Whether the merged payload is finite. A narrow wire can overflow in the sum although every rank's part

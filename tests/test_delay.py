@@ -142,6 +142,21 @@ def test_engine_on_two_nodes_with_fragments_equals_two_flat_workers_bit_for_bit(
         assert torch.equal(r.result["global_"], f["global_"])
 
 
+def test_auto_delay_on_two_nodes_of_two_agrees_on_every_rank_and_conserves_every_change(tmp_path):
+    """``sync_delay="auto"`` follows measured times, so no fixed reference reproduces it: every rank of both nodes
+    must merge at the same steps, with the same delay, and lose nothing. On loopback the link hides in one step."""
+    args = {"sync_every": 8, "steps": 32, "hierarchy": True, "step_sleep_s": [0.02] * 4,
+            "engine_args": {"sync_delay": "auto", "fragments": 2}}  # fmt: skip
+    results = run_ranks("engine", tmp_path, args, world_size=4, num_nodes=2)
+    assert all("error" not in r.result for r in results), results[0].result.get("error")
+    for r in results[1:]:
+        assert r.result["sync_steps"] == results[0].result["sync_steps"]
+        assert r.result["sync_delays"] == results[0].result["sync_delays"]
+    delays = results[0].result["sync_delays"]
+    assert delays[0] == 8 and delays[-1] < 8, delays  # from H down to what the fast link needs
+    assert_conserved(results, atol=1e-6)
+
+
 CHECKPOINTED = {"val": True, "max_epochs": 3, "num_batches": 6, "sync_every": 4}
 
 
