@@ -357,8 +357,9 @@ def summarize(config: BenchConfig, link: Link, equal_steps: dict, equal_time: di
                      ("hpsgd_stale", "hpsgd"), ("ddp", "compute-only"), ("hpsgd_node", "hpsgd"),
                      ("hpsgd_node_h4", "hpsgd_h4"), ("hpsgd_node", "ddp"),
                      ("hpsgd_node_h4", "compute-only"), ("hpsgd_h16_delay", "compute-only"),
-                     ("hpsgd_h16_f4", "compute-only"), ("hpsgd_h16_f4", "ddp"),
-                     ("hpsgd_h16_f4", "hpsgd_h4")):  # fmt: skip
+                     ("hpsgd_h16_f4", "compute-only"), ("hpsgd_h16_f4", "ddp"), ("hpsgd_h16_f4", "hpsgd_h4"),
+                     ("hpsgd_h16_f8", "compute-only"), ("hpsgd_h16_f8", "ddp"),
+                     ("hpsgd_h16_f8", "hpsgd_h4")):  # fmt: skip
         if num in strategies and den in strategies:
             ratios[f"{num}/{den}"] = strategies[num]["step_time_s"]["median"] / strategies[den]["step_time_s"]["median"]
     param_bytes = link.param_bytes
@@ -454,7 +455,7 @@ def markdown(report: dict[str, Any]) -> str:
     if auto and any(h is not None for h in auto.get("final_sync_every", [])):
         settled = auto["final_sync_every"]
         lines += [f"hpsgd_auto ended its equal-steps runs at sync_every = {settled} (one value per repeat).", ""]
-    for name in ("hpsgd_h16_delay", "hpsgd_h16_f4"):
+    for name in ("hpsgd_h16_delay", "hpsgd_h16_f4", "hpsgd_h16_f8"):
         delays = report["strategies"].get(name, {}).get("final_sync_delay", [])
         if any(d is not None for d in delays):
             lines += [f"{name} ended its equal-steps runs at sync_delay = {delays} (one value per repeat).", ""]

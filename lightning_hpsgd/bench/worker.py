@@ -24,9 +24,9 @@ import torch
 # What a plain run compares; the "_node" strategies (hierarchy="node") are for runs with several workers per node.
 DEFAULT_STRATEGIES = ("ddp", "localsgd", "hpsgd", "hpsgd_h4", "hpsgd_auto", "hpsgd_stale", "compute-only")
 # The settings for slow links: H = 16 with the outer optimizer and the merge delay chosen from the measured times,
-# the whole model in one round (hpsgd_h16_delay) or in 4 fragments (hpsgd_h16_f4, the recommended one).
+# the whole model in one round (hpsgd_h16_delay), or in 4 or 8 fragments (hpsgd_h16_f4, hpsgd_h16_f8).
 SLOW_LINK = {"sync_every": 16, "sync_delay": "auto", "outer_lr": 0.8, "outer_momentum": 0.6}
-STRATEGIES = (*DEFAULT_STRATEGIES, "hpsgd_node", "hpsgd_node_h4", "hpsgd_h16_delay", "hpsgd_h16_f4")
+STRATEGIES = (*DEFAULT_STRATEGIES, "hpsgd_node", "hpsgd_node_h4", "hpsgd_h16_delay", "hpsgd_h16_f4", "hpsgd_h16_f8")
 
 
 def make_strategy(name: str, timeout_s: float, monitor: bool = False) -> Any:
@@ -45,7 +45,7 @@ def make_strategy(name: str, timeout_s: float, monitor: bool = False) -> Any:
     hpsgd = {"hpsgd": {}, "hpsgd_h4": {"sync_every": 4}, "hpsgd_auto": {"sync_every": "auto"},
              "hpsgd_stale": {"merge": "stale"}, "hpsgd_node": {"hierarchy": "node"},
              "hpsgd_node_h4": {"hierarchy": "node", "sync_every": 4}, "hpsgd_h16_delay": SLOW_LINK,
-             "hpsgd_h16_f4": {**SLOW_LINK, "fragments": 4}}  # fmt: skip
+             "hpsgd_h16_f4": {**SLOW_LINK, "fragments": 4}, "hpsgd_h16_f8": {**SLOW_LINK, "fragments": 8}}  # fmt: skip
     if name in hpsgd:
         return HPSGDStrategy(process_group_backend="gloo", timeout=timeout, monitor=monitor, **hpsgd[name])
     if name == "compute-only":
