@@ -45,9 +45,11 @@ def digest(result: dict) -> str:
 
 @pytest.mark.parametrize("case", sorted(BEFORE_SYNC_DELAY))
 def test_sync_delay_equal_to_h_is_the_rule_before_it_bit_for_bit(tmp_path, case):
+    """``sync_delay=H`` in every case; left out (the default, which follows ``H``) in one."""
     args, world, nodes, expected = BEFORE_SYNC_DELAY[case]
     explicit = {**args, "engine_args": {**args.get("engine_args", {}), "sync_delay": args["sync_every"]}}
-    for name, run_args in (("default", args), ("explicit", explicit)):
+    runs = [("explicit", explicit)] + ([("default", args)] if case == "h4_outer" else [])
+    for name, run_args in runs:
         results = run_ranks("engine", tmp_path / name, run_args, world_size=world, num_nodes=nodes)
         assert [digest(r.result) for r in results] == expected, name
 
@@ -59,8 +61,8 @@ def reference(batches, tau, fragments, outer, merge="replica", node_size=1, sync
 
 @pytest.mark.parametrize(
     ("tau", "fragments", "outer"),
-    [(0, 1, OUTER), (1, 1, {}), (2, 1, OUTER), (3, 1, OUTER), (1, 3, OUTER), (2, 2, {}), (0, 2, OUTER)],
-    ids=["tau0-diloco", "tau1", "tau2-outer", "tau3=H-outer", "tau1-F3-outer", "tau2-F2", "tau0-F2-outer"],
+    [(0, 1, OUTER), (1, 1, {}), (2, 1, OUTER), (3, 1, OUTER), (1, 3, OUTER), (0, 2, OUTER)],
+    ids=["tau0-diloco", "tau1", "tau2-outer", "tau3=H-outer", "tau1-F3-outer", "tau0-F2-outer"],
 )
 def test_delay_and_fragments_match_the_reference(tmp_path, tau, fragments, outer):
     strategy = {"sync_delay": tau, "fragments": fragments, **outer}
@@ -89,7 +91,7 @@ def test_stale_merge_with_fragments_matches_the_reference(tmp_path):
         assert_matches(r.result, expected)
 
 
-@pytest.mark.parametrize(("tau", "fragments"), [(0, 1), (1, 3), (2, 2)])
+@pytest.mark.parametrize(("tau", "fragments"), [(1, 3), (2, 2)])
 def test_the_engine_conserves_every_change_with_a_delay_and_fragments(tmp_path, tau, fragments):
     args = {"sync_every": 3, "steps": 10, "engine_args": {"sync_delay": tau, "fragments": fragments}}
     results = run_ranks("engine", tmp_path, args, world_size=3)
@@ -160,15 +162,10 @@ def test_auto_delay_on_two_nodes_of_two_agrees_on_every_rank_and_conserves_every
 CHECKPOINTED = {"val": True, "max_epochs": 3, "num_batches": 6, "sync_every": 4}
 
 
-@pytest.mark.parametrize(
-    "strategy",
-    [{"sync_delay": 3, "fragments": 2, **OUTER}, {"sync_delay": 1, "fragments": 4}],
-    ids=["tau3-F2", "tau1-F4"],
-)
-def test_a_checkpoint_written_mid_round_resumes_exactly(tmp_path, strategy):
-    """H = 4, 6 batches per epoch: at the checkpoint of step 6 a round is still in flight (tau3-F2: fragment 0's
-    round of step 4, merged at step 7), so the flush that writes the checkpoint merges it early, in both runs."""
-    base = {**CHECKPOINTED, "strategy_args": strategy}
+def test_a_checkpoint_written_mid_round_resumes_exactly(tmp_path):
+    """H = 4, 6 batches per epoch: at the checkpoint of step 6 fragment 0's round of step 4 is still in flight
+    (merged at step 7), so the flush that writes the checkpoint merges it early, in both runs."""
+    base = {**CHECKPOINTED, "strategy_args": {"sync_delay": 3, "fragments": 2, **OUTER}}
     first = run_ranks("fit", tmp_path / "a", {**base, "checkpoint": {"every_n_epochs": 1}})
     ckpt = tmp_path / "a" / "ckpt" / "epoch=0-step=6.ckpt"
     resumed = run_ranks("fit", tmp_path / "b", {**base, "checkpoint": {"every_n_epochs": 1, "dir": "ckpt_b"},
