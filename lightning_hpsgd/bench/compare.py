@@ -195,6 +195,8 @@ def calibrate(config: BenchConfig, runner: Runner, link: SlowLink | None) -> Lin
         mbit = bits / max(target - base, 1e-4) / 1e6
     for attempt in range(3):
         mbit = min(max(mbit, 0.1), FULL_SPEED_MBIT)
+        if mbit == history[-1]["mbit"]:
+            break  # clamped to the rate just measured (a model small enough to pass in the link's burst): no change
         link.set_rate(mbit)
         measured = statistics.median(
             r["allreduce_s"] for r in runner.run({"mode": "calibrate", "measure_compute": False})
