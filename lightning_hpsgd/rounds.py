@@ -42,13 +42,14 @@ class Rounds:
         self.wires = [Wire(end - begin, dtype, device, comm_dtype=comm_dtype, group=group, nodes=nodes,
                            timeout=timeout) for begin, end in ranges]  # fmt: skip
         self.in_flight: list[Round | None] = [None] * len(self.wires)
-        self.steps_unsent = [0] * len(self.wires)  # optimizer steps since each fragment's last launch
+        self.steps = 0  # optimizer steps counted
+        self._launched_after = [0] * len(self.wires)  # the count at each fragment's last launch
         self.deferred: Round | None = None  # merged; its side channel is read at the next merge
         self.abandoned: list[Round] = []  # kept alive: the backend may still write into their buffers
 
     def count_step(self) -> None:
         """One optimizer step was taken: it belongs to the next round of every fragment."""
-        self.steps_unsent = [n + 1 for n in self.steps_unsent]
+        self.steps += 1
 
     def due(self, step: int) -> bool:
         """Whether a round in flight is to be merged at ``step``."""
@@ -56,9 +57,10 @@ class Rounds:
 
     def launch(self, f: int, delta: Tensor, slot: dict, *, step: int, is_flush: bool, merge_at: int) -> Round:
         """Start fragment ``f``'s all-reduce of ``delta`` with this rank's side-channel ``slot``."""
-        rnd = self.wires[f].launch(delta, slot, step=step, is_flush=is_flush, steps=self.steps_unsent[f])
+        steps = self.steps - self._launched_after[f]  # optimizer steps in the round
+        rnd = self.wires[f].launch(delta, slot, step=step, is_flush=is_flush, steps=steps)
         rnd.fragment, rnd.merge_at = f, merge_at
-        self.steps_unsent[f] = 0
+        self._launched_after[f] = self.steps
         self.in_flight[f] = rnd
         return rnd
 

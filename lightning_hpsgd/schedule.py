@@ -57,25 +57,31 @@ def agreed_sync_delay(slots: Sequence[Slot], current: int, sync_every: int) -> i
     only one the link alone causes. With ``fragments``, a round is one fragment's all-reduce (``1/F`` of the bytes).
     """
     current = min(current, sync_every)
-    comms = [s.comm_seconds for s in slots if s.comm_seconds > 0]
-    steps = [s.step_seconds for s in slots if s.step_seconds > 0]
-    if len(comms) < len(slots) or len(steps) < len(slots):
+    measured = _link_over_step(slots)
+    if measured is None:
         return current
-    slowest = max(slots, key=lambda s: s.step_seconds)
-    ratio = min(comms) / slowest.step_seconds
+    ratio, slowest = measured
     if slowest.wait_seconds >= HIDDEN_WAIT * slowest.step_seconds:
         step_more = min(current + 1, math.ceil(DELAY_SHRINK_MARGIN * ratio) + 1)
         return min(max(math.ceil(AUTO_MARGIN * ratio), step_more, current), sync_every)
     return max(min(math.ceil(DELAY_SHRINK_MARGIN * ratio), current), 1)
 
 
-def _hiding_steps(slots: Sequence[Slot], current: int, cap: int) -> int:
-    comms = [s.comm_seconds for s in slots if s.comm_seconds > 0]
-    steps = [s.step_seconds for s in slots if s.step_seconds > 0]
-    if len(comms) < len(slots) or len(steps) < len(slots):
-        return current
+def _link_over_step(slots: Sequence[Slot]) -> tuple[float, Slot] | None:
+    """The smallest comm time any rank measured over the slowest rank's step time, and the slowest rank's slot;
+    ``None`` until every rank measured both."""
+    if any(s.comm_seconds <= 0 or s.step_seconds <= 0 for s in slots):
+        return None
     slowest = max(slots, key=lambda s: s.step_seconds)
-    wanted = min(max(math.ceil(AUTO_MARGIN * min(comms) / slowest.step_seconds), 1), cap)
+    return min(s.comm_seconds for s in slots) / slowest.step_seconds, slowest
+
+
+def _hiding_steps(slots: Sequence[Slot], current: int, cap: int) -> int:
+    measured = _link_over_step(slots)
+    if measured is None:
+        return current
+    ratio, slowest = measured
+    wanted = min(max(math.ceil(AUTO_MARGIN * ratio), 1), cap)
     if wanted > current and slowest.wait_seconds < HIDDEN_WAIT * slowest.step_seconds:
         return current  # already hidden
     return wanted
@@ -109,6 +115,8 @@ class Schedule:
         self.delay_auto = sync_delay == "auto"
         self.sync_delay: int | None = None if sync_delay in (None, "auto") else int(sync_delay)  # None: follow H
         self.fragments = fragments
+        # A fixed H: fragment f ends its rounds at the steps s with s ≡ ⌊f·H/F⌋ (mod H).
+        self._offsets = [(f * self.sync_every) // fragments for f in range(fragments)]
         self.next_sync: int | None = None  # "auto": the step at or after which the current round ends
         self.step_seconds: float | None = None
         self.comm_seconds: float | None = None
@@ -130,9 +138,8 @@ class Schedule:
         self._last_step = step
         self._round_steps += 1
         if not self.auto:
-            h, f_count = self.sync_every, self.fragments
-            offsets = [(f * h) // f_count for f in range(f_count)]
-            return tuple(f for f, o in enumerate(offsets) if (step - o) // h > (previous - o) // h)
+            h = self.sync_every
+            return tuple(f for f, o in enumerate(self._offsets) if (step - o) // h > (previous - o) // h)
         if self.next_sync is None:
             self.next_sync = (previous // self.sync_every + 1) * self.sync_every
         return (0,) if step >= self.next_sync else ()
