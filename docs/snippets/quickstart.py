@@ -1,11 +1,11 @@
-"""Quick start: an ordinary LightningModule, trained with HPSGD on 2 CPU processes."""
+"""Quick start: an ordinary LightningModule, trained with HPSGD on 2 CPUs."""
 
 import lightning as L
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_hpsgd  # noqa: F401  (registers "hpsgd" and the other strategy names)
+import lightning_hpsgd  # noqa: F401  (registers the "hpsgd" strategy names)
 
 
 class Regressor(L.LightningModule):
@@ -26,5 +26,11 @@ class Regressor(L.LightningModule):
 if __name__ == "__main__":
     x = torch.randn(512, 8)
     data = DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=32)
-    trainer = L.Trainer(strategy="hpsgd", accelerator="cpu", devices=2, max_epochs=2, logger=False)
+    trainer = L.Trainer(
+        strategy="hpsgd",
+        accelerator="cpu",
+        devices=2,
+        max_epochs=2,
+        logger=False,
+    )
     trainer.fit(Regressor(), data)

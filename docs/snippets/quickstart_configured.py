@@ -1,4 +1,4 @@
-"""The same, with HPSGD's options set: a round every 4 optimizer steps, bf16 on the wire."""
+"""The same, with HPSGD's options: a round every 4 steps, bf16 on the wire."""
 
 import lightning as L
 

@@ -28,13 +28,15 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--num-nodes", type=int, default=1)
     parser.add_argument("--devices", type=int, default=1)
-    # "node": synchronous (DDP) inside a node, HPSGD across nodes; for nodes with several GPUs.
+    # "node": synchronous (DDP) inside a node, HPSGD across nodes (several GPUs).
     parser.add_argument("--hierarchy", choices=["node"], default=None)
     args = parser.parse_args()
     x = torch.randn(512, 8)
     data = DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=32)
-    # Under SLURM, no auto-requeue: it would save a checkpoint from a signal handler (see the FAQ).
-    plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+    # Under SLURM, no auto-requeue: it would save a checkpoint from a signal
+    # handler (see the FAQ).
+    slurm = SLURMEnvironment.detect()
+    plugins = [SLURMEnvironment(auto_requeue=False)] if slurm else []
     trainer = L.Trainer(
         strategy=HPSGDStrategy(sync_every=4, hierarchy=args.hierarchy),
         plugins=plugins,
@@ -51,6 +53,7 @@ if __name__ == "__main__":
         stats = trainer.strategy.stats
         model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         print(
-            f"trained on {trainer.world_size} processes, {trainer.num_nodes} nodes, {stats.rounds} rounds;"
-            f" each rank sent {stats.bytes_per_round} of the model's {model_bytes} bytes per round"
+            f"trained on {trainer.world_size} processes, {trainer.num_nodes} nodes,"
+            f" {stats.rounds} rounds; each rank sent {stats.bytes_per_round}"
+            f" of the model's {model_bytes} bytes per round"
         )
