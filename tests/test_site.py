@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import html
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,10 +36,19 @@ def site(tmp_path_factory) -> Path:
     return out
 
 
+def built_page(site: Path, page: Path) -> Path:
+    """The HTML file built from ``docs/<page>``."""
+    return site / ("index.html" if page.stem == "index" else f"{page.stem}/index.html")
+
+
+def as_text(markup: str) -> str:
+    """HTML as a reader sees it: tags dropped, entities decoded."""
+    return html.unescape(re.sub(r"<[^>]+>", "", markup))
+
+
 def page_text(site: Path, page: Path) -> str:
     """What a reader sees on the page built from ``docs/<page>``: its HTML without tags, entities decoded."""
-    built = site / ("index.html" if page.stem == "index" else f"{page.stem}/index.html")
-    return html.unescape(re.sub(r"<[^>]+>", "", built.read_text()))
+    return as_text(built_page(site, page).read_text())
 
 
 PAGES = sorted((ROOT / "docs").glob("*.md"))
@@ -113,3 +124,72 @@ def test_the_project_cites_only_its_own_files():
         and any(needle in (ROOT / name).read_text(errors="replace") for needle in outside)
     ]
     assert tracked and not offenders, offenders
+
+
+# The content column is 688 px wide at 1280 px, and code blocks are sized so that 84 characters of a wide monospace
+# font fit in it (docs/stylesheets/extra.css); a longer line is cut off on screen.
+CODE_LINE_MAX = 84
+
+
+def test_every_line_of_every_code_block_fits_the_content_column(site):
+    too_long = []
+    for page in PAGES:
+        for block in re.findall(r"<pre[^>]*>(.*?)</pre>", built_page(site, page).read_text(), re.DOTALL):
+            too_long += [
+                f"{page.name}: {len(line)} characters: {line}"
+                for line in as_text(block).splitlines()
+                if len(line) > CODE_LINE_MAX
+            ]
+    assert not too_long, f"code lines over {CODE_LINE_MAX} characters:\n" + "\n".join(too_long)
+
+
+# Run in Chromium after the page has loaded: every code block and table that scrolls sideways (part of it hidden),
+# and every table cell squeezed to a word or two a line (or to under 40 px), written into a <pre> that --dump-dom
+# prints.
+LAYOUT_PROBE = """
+window.addEventListener("load", () => {
+  const found = [];
+  const name = (el) => `${el.tagName.toLowerCase()} "${el.innerText.trim().split("\\n")[0].slice(0, 60)}"`;
+  const scrollers = ".md-content pre, .md-content pre > code, .md-content table, " +
+    ".md-typeset__table, .md-typeset__scrollwrap";
+  for (const el of document.querySelectorAll(scrollers)) {
+    if (el.scrollWidth > el.clientWidth + 1) {
+      found.push(`overflows (${el.scrollWidth} px in ${el.clientWidth} px): ${name(el)}`);
+    }
+  }
+  for (const cell of document.querySelectorAll(".md-content td, .md-content th")) {
+    const text = document.createRange();
+    text.selectNodeContents(cell);
+    const lines = Math.round(text.getBoundingClientRect().height / parseFloat(getComputedStyle(cell).lineHeight));
+    const width = cell.getBoundingClientRect().width;
+    const perLine = cell.innerText.trim().length / lines;
+    if ((lines >= 4 && perLine < 10) || (width < 40 && lines > 1)) {
+      found.push(`squeezed (${Math.round(width)} px, ${lines} lines): ${name(cell)}`);
+    }
+  }
+  const out = document.createElement("pre");
+  out.id = "layout-findings";
+  out.textContent = JSON.stringify({width: document.documentElement.clientWidth, found});
+  document.body.appendChild(out);
+});
+"""
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium)")
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.stem)
+def test_page_fits_the_content_column_at_1280_px(site, page, tmp_path):
+    """In a real browser at 1280 px, no code block or table scrolls sideways and no table cell is squeezed."""
+    built = built_page(site, page)
+    # Beside the page, so that the theme's CSS and JS load by the same relative paths.
+    probe = built.with_name("layout-probe.html")
+    probe.write_text(built.read_text().replace("</body>", f"<script>{LAYOUT_PROBE}</script></body>"))
+    done = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
+                           "--window-size=1280,4000", "--dump-dom", probe.as_uri()],
+                          capture_output=True, text=True, timeout=180)  # fmt: skip
+    result = re.search(r'<pre id="layout-findings">(.*?)</pre>', done.stdout, re.DOTALL)
+    assert result, f"the probe did not run on {page.name}: {done.stderr[-2000:]}"
+    layout = json.loads(html.unescape(result.group(1)))
+    assert layout["width"] == 1280, layout
+    assert not layout["found"], f"{page.name} at 1280 px:\n" + "\n".join(layout["found"])
