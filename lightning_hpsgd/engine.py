@@ -38,7 +38,6 @@ from lightning_hpsgd.errors import (
 )
 from lightning_hpsgd.integrity import average_if_different, check_identical
 from lightning_hpsgd.options import (
-    DEFAULT_MAX_SYNC_EVERY,
     MergeMode,
     SyncDelay,
     SyncEvery,
@@ -71,7 +70,7 @@ __all__ = [
 
 
 class HPSGDEngine:
-    r"""Hierarchical Parallel SGD on a model's named tensors and a process group.
+    """Hierarchical Parallel SGD on a model's named tensors and a process group.
 
     State on every rank, named as in the rule (``docs/algorithm.md``):
 
@@ -83,14 +82,14 @@ class HPSGDEngine:
 
     At a sync point (after every ``sync_every``-th step):
 
-    .. math::
-
-        \Delta &= R - S \\
-        G &\leftarrow G + U\big(\tfrac{1}{W}\textstyle\sum_{w} P_w\big)
-            \quad \text{(if } P \text{ is pending; wait for it)} \\
-        R &\leftarrow G + \Delta \ \text{(merge="replica")}
-            \quad\text{or}\quad R \leftarrow G \ \text{(merge="stale")} \\
-        S &\leftarrow R, \qquad P \leftarrow \text{all\_reduce\_async}(\Delta)
+    ```text
+    Δ = R − S
+    G ← G + U(mean of P over the W ranks)   if P is pending (wait for it)
+    R ← G + Δ                               merge="replica"
+    R ← G                                   merge="stale"
+    S ← R
+    P ← all_reduce_async(Δ)
+    ```
 
     With a merge delay ``τ < H`` (``sync_delay``) the sync point only launches (``S ← R``), and ``τ`` steps later the
     merge keeps the progress made since the launch: ``d = R − S``, ``G ← G + U(mean Δ)``, ``R ← G + d``, ``S ← G``.
@@ -153,7 +152,7 @@ class HPSGDEngine:
         group: dist.ProcessGroup | None = None,
         object_group: dist.ProcessGroup | None = None,
         sync_every: SyncEvery = 1,
-        max_sync_every: int = DEFAULT_MAX_SYNC_EVERY,
+        max_sync_every: int = 32,
         merge: MergeMode = "replica",
         comm_dtype: str | torch.dtype | None = None,
         outer_lr: float = 1.0,

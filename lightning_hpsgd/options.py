@@ -22,11 +22,15 @@ __all__ = [
 ]
 
 MergeMode = Literal["replica", "stale"]
+"""What a replica becomes at a sync point: ``"replica"`` (HPSGD, ``R ← G + Δ``) or ``"stale"`` (``R ← G``)."""
 MERGE_MODES: tuple[str, ...] = ("replica", "stale")
 SyncEvery = int | Literal["auto"]
+"""``H``, optimizer steps per round: an integer >= 1, or ``"auto"`` (chosen from measured times)."""
 SyncDelay = int | Literal["auto"] | None
+"""``τ``, steps from a round's launch to its merge: 0 to ``H``, ``"auto"``, or ``None`` (``H``)."""
 HIERARCHIES: tuple[str | None, ...] = (None, "node")
 DEFAULT_MAX_SYNC_EVERY = 32
+"""The largest ``H`` that ``sync_every="auto"`` may choose unless ``max_sync_every`` says otherwise."""
 START_METHODS: tuple[str, ...] = ("popen", "spawn", "fork", "forkserver")
 COMM_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,

@@ -50,7 +50,6 @@ from lightning_hpsgd.model_tensors import ModelWatcher, averaged_names, model_te
 from lightning_hpsgd.monitor import HPSGDMonitor
 from lightning_hpsgd.options import (
     DEFAULT_MAX_SYNC_EVERY,
-    MergeMode,
     resolve_comm_dtype,
     validate_launch,
     validate_options,
@@ -147,7 +146,7 @@ class HPSGDStrategy(DDPStrategy):
     def __init__(
         self,
         sync_every: int | Literal["auto"] = 1,
-        merge: MergeMode = "replica",
+        merge: Literal["replica", "stale"] = "replica",
         comm_dtype: str | torch.dtype | None = None,
         outer_lr: float = 1.0,
         outer_momentum: float = 0.0,
@@ -162,7 +161,7 @@ class HPSGDStrategy(DDPStrategy):
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
         process_group_backend: str | None = None,
-        timeout: timedelta | float | None = compat.default_pg_timeout,
+        timeout: timedelta | float | None = timedelta(minutes=30),
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         monitor: bool = True,
         **kwargs: Any,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import inspect
 import json
 import os
 import re
@@ -193,3 +194,48 @@ def test_page_fits_the_content_column_at_1280_px(site, page, tmp_path):
     layout = json.loads(html.unescape(result.group(1)))
     assert layout["width"] == 1280, layout
     assert not layout["found"], f"{page.name} at 1280 px:\n" + "\n".join(layout["found"])
+
+
+def shown_signature(api_page: str, name: str) -> dict[str, str]:
+    """The defaults the API page shows in the signature under the heading of ``name``, by parameter."""
+    heading = api_page.index(f'<h3 id="{name}"')
+    block = re.search(r'<div class="doc-signature[^>]*><pre>(.*?)</pre>', api_page[heading:], re.DOTALL)
+    assert block, f"no signature under {name}"
+    text = as_text(block.group(1))
+    return dict(re.findall(r"^\s+\**(\w+):[^\n]*? = (.+?),?$", text, re.MULTILINE))
+
+
+def test_api_reference_shows_plain_formulas_and_the_values_of_defaults_and_types(site):
+    """No raw reST maths or LaTeX; defaults show as values, not as the constant that holds them; the option types
+    that signatures name (SyncEvery) are shown with their definition."""
+    from datetime import timedelta
+
+    from lightning_hpsgd import HPSGDStrategy, compat
+    from lightning_hpsgd.engine import HPSGDEngine
+    from lightning_hpsgd.options import DEFAULT_MAX_SYNC_EVERY
+
+    api_page = (site / "api" / "index.html").read_text()
+    text = as_text(api_page)
+    assert ".. math::" not in text and ":math:" not in text
+    latex = re.findall(r".{0,40}\\(?:leftarrow|Delta|frac|tfrac|sum|text|quad|big)\b.{0,40}", text)
+    assert not latex, latex
+    assert "R ← G + Δ" in text
+    shown_as_names = re.findall(r"(?:default:|\s=)\s*(DEFAULT_\w+|default_pg_timeout|\w+\.\w+_timeout)\b", text)
+    assert not shown_as_names, shown_as_names
+    for heading, cls in [
+        ("lightning_hpsgd.HPSGDStrategy", HPSGDStrategy),
+        ("lightning_hpsgd.engine.HPSGDEngine", HPSGDEngine),
+    ]:
+        shown = shown_signature(api_page, heading)
+        defaults = {n: p.default for n, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
+        assert shown.keys() == defaults.keys(), (cls.__name__, shown)
+        for name, value in shown.items():
+            assert eval(value, {"timedelta": timedelta}) == defaults[name], (cls.__name__, name, value)
+    assert shown_signature(api_page, "lightning_hpsgd.HPSGDStrategy")["timeout"] == "timedelta(minutes=30)"
+    # The literal defaults are the values the package's constants and Lightning's DDP use.
+    assert inspect.signature(HPSGDEngine).parameters["max_sync_every"].default == DEFAULT_MAX_SYNC_EVERY
+    assert inspect.signature(HPSGDStrategy).parameters["timeout"].default == compat.default_pg_timeout
+    for alias, definition in [("SyncEvery", "int | Literal['auto']"), ("SyncDelay", "int | Literal['auto'] | None"),
+                              ("MergeMode", "Literal['replica', 'stale']")]:  # fmt: skip
+        assert f"{alias} = {definition}" in text, alias
+        assert f'href="#lightning_hpsgd.options.{alias}"' in api_page, f"{alias} in signatures links to nothing"
