@@ -1,8 +1,7 @@
-"""Every snippet on the Quick start and Multi-node pages runs, as the pages show it."""
+"""Every snippet on the Quick start page runs, as the page shows it (the Multi-node page's: test_multinode_docs.py)."""
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import runpy
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launch import ROOT, base_env, free_port, run_commands
+from tests.launch import ROOT, base_env, run_commands
 
 SNIPPETS = ROOT / "docs" / "snippets"
 
@@ -65,53 +64,6 @@ def test_quickstart_commands_train_then_test_a_recipe(tmp_path):
     accuracy = float(re.search(r"test/acc\s+│?\s*([0-9.]+)", out).group(1))
     # 2 epochs of MNIST-1D: above chance (0.1); the demo test checks the accuracy of a full run.
     assert accuracy > 0.2, out[-3000:]
-
-
-def multinode_env(tmp_path: Path, port: int, **values: str) -> dict[str, str]:
-    env = user_env(tmp_path)
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DEVICES="1", **values)
-    return env
-
-
-def test_multinode_torchrun_commands(tmp_path):
-    shutil.copy(SNIPPETS / "train.py", tmp_path / "train.py")
-    port = free_port()
-    envs = [multinode_env(tmp_path, port, NODE_RANK=str(n)) for n in range(2)]
-    outs = run_all([["bash", "-e", str(SNIPPETS / "multinode_torchrun.sh")]] * 2, envs, tmp_path)
-    assert any("trained on 2 processes, 2 nodes" in out for out in outs), outs[0][-3000:]
-
-
-def test_multinode_plain_environment_commands(tmp_path):
-    shutil.copy(SNIPPETS / "train.py", tmp_path / "train.py")
-    port = free_port()
-    envs = [multinode_env(tmp_path, port, NODE_RANK=str(n), LOCAL_RANK="0") for n in range(2)]
-    outs = run_all([["bash", "-e", str(SNIPPETS / "multinode_env.sh")]] * 2, envs, tmp_path)
-    assert any("trained on 2 processes, 2 nodes" in out for out in outs), outs[0][-3000:]
-
-
-def test_multinode_slurm_command_with_the_variables_srun_sets(tmp_path):
-    """`sbatch` cannot run here: each task runs the script's `srun` command with the variables SLURM would set."""
-    shutil.copy(SNIPPETS / "train.py", tmp_path / "train.py")
-    script = (SNIPPETS / "multinode_slurm.sbatch").read_text()
-    nodes = int(re.search(r"#SBATCH --nodes=(\d+)", script).group(1))
-    per_node = int(re.search(r"#SBATCH --ntasks-per-node=(\d+)", script).group(1))
-    (command,) = [line.split()[1:] for line in script.splitlines() if line.startswith("srun ")]
-    port, tasks = str(free_port()), nodes * per_node
-    envs = []
-    for rank in range(tasks):
-        env = user_env(tmp_path)
-        env.update(SLURM_NTASKS=str(tasks), SLURM_NTASKS_PER_NODE=str(per_node), SLURM_NNODES=str(nodes),
-                   SLURM_JOB_NAME="train", SLURM_JOB_ID="4242", SLURM_PROCID=str(rank),
-                   SLURM_LOCALID=str(rank % per_node), SLURM_NODEID=str(rank // per_node),
-                   SLURM_NODELIST="127.0.0.1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)  # fmt: skip
-        envs.append(env)
-    command[0] = sys.executable if command[0] == "python" else command[0]
-    assert command[-2:] == ["--hierarchy", "node"]
-    outs = run_all([command] * tasks, envs, tmp_path)
-    assert any(f"trained on {tasks} processes, {nodes} nodes" in out for out in outs), outs[0][-3000:]
-    # hierarchy="node": each rank sends its 1/per_node share of the model between nodes.
-    sent, model = map(int, re.search(r"each rank sent (\d+) of the model's (\d+) bytes", "".join(outs)).groups())
-    assert sent == math.ceil(model / 4 / per_node) * 4
 
 
 def test_make_demo_runs_the_demo_module():

@@ -1,7 +1,10 @@
-# On every node: NODE_RANK is 0 on the first node, 1 on the second;
-# MASTER_ADDR is the first node's address; DEVICES is the number of GPUs
-# (or CPU processes) per node.
-# --hierarchy node: synchronous inside a node, HPSGD between nodes.
-torchrun --nnodes=2 --node_rank="$NODE_RANK" --nproc_per_node="$DEVICES" \
-    --master_addr="$MASTER_ADDR" --master_port="${MASTER_PORT:-29500}" \
+# On every node. HEAD: the first node's address; JOB_ID: any id, the same on
+# every node; DEVICES: GPUs (or CPU processes) per node. A lost worker restarts
+# every worker (up to 3 times), and train.py resumes from its last checkpoint.
+# A new store for each restart: else a restarted rank can read a dead rank's
+# address from the last attempt (pytorch/pytorch#167288).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+torchrun --nnodes=2 --nproc-per-node="$DEVICES" --max-restarts=3 \
+    --rdzv-backend=c10d --rdzv-endpoint="$HEAD:${PORT:-29500}" \
+    --rdzv-id="$JOB_ID" \
     train.py --num-nodes 2 --devices "$DEVICES" --hierarchy node
