@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from lightning_hpsgd.compat import logging_step
 from lightning_hpsgd.engine import EngineStats
+from lightning_hpsgd.recommend import recommendation
 from lightning_hpsgd.wandb import define_wall_time_axis
 
 
@@ -39,6 +40,10 @@ class HPSGDMonitor(Callback):
       fragment (this rank's; rank 0 writes);
     * ``hpsgd/step_ms``: wall time per optimizer step; ``hpsgd/samples_per_s``: samples per second over all ranks;
     * ``time/wall_s``: seconds since the start of fit, an x-axis for accuracy at a fixed wall time.
+
+    At the end of fit, rank 0 prints what the ranks measured (a step of compute, one all-reduce, their ratio, and
+    how long it waited) and the ``sync_every`` that hides that link, by the rule ``sync_every="auto"`` follows
+    ([`lightning_hpsgd.recommend.recommendation`][]); nothing when no round was timed.
 
     With another strategy (DDP, say) it logs only ``time/wall_s``, ``hpsgd/step_ms`` and ``hpsgd/samples_per_s``, so
     baselines can be compared on the same wall-time axis. ``time/wall_s`` is also logged at the end of every
@@ -66,6 +71,7 @@ class HPSGDMonitor(Callback):
         self._last: tuple[int, float, float, int, int, float, int] | None = None
         self._samples = 0
         self._last_logged_step = -1
+        self._wait_at_start = 0.0
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -89,6 +95,7 @@ class HPSGDMonitor(Callback):
         self._last_logged_step = trainer.global_step
         stats = _stats(trainer)
         self._last = self._snapshot(stats, trainer.global_step)
+        self._wait_at_start = stats.wait_seconds if stats is not None else 0.0
         if stats is not None and self.drift:
             _engine(trainer).request_drift()
 
@@ -115,6 +122,22 @@ class HPSGDMonitor(Callback):
         # Before Lightning logs the epoch's validation metrics: W&B copies this value into their row (step_sync).
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
             self._write(trainer, {"time/wall_s": time.perf_counter() - self._fit_started})
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After the strategy's flush at the end of fit (its hooks run first): the final round's figures are in.
+        engine = _engine(trainer)
+        if engine is None or engine.schedule.measured is None or not trainer.is_global_zero:
+            return
+        ratio, slowest = engine.schedule.measured
+        elapsed = time.perf_counter() - self._fit_started
+        text = recommendation(
+            slowest.step_seconds, ratio * slowest.step_seconds, fragments=engine.stats.fragments,
+            wait_fraction=(engine.stats.wait_seconds - self._wait_at_start) / elapsed if elapsed > 0 else None,
+            max_sync_every=engine.schedule.max_sync_every,
+            compressed=engine.comm_dtype in (torch.float16, torch.bfloat16),
+        )  # fmt: skip
+        rank_zero_info(text)
 
     @staticmethod
     def _write(trainer: L.Trainer, metrics: dict[str, float]) -> None:

@@ -13,7 +13,15 @@ from typing import Any
 from lightning_hpsgd.options import SyncDelay, SyncEvery
 from lightning_hpsgd.side_channel import Slot
 
-__all__ = ["AUTO_MARGIN", "DELAY_SHRINK_MARGIN", "HIDDEN_WAIT", "Schedule", "agreed_sync_delay", "agreed_sync_every"]
+__all__ = [
+    "AUTO_MARGIN",
+    "DELAY_SHRINK_MARGIN",
+    "HIDDEN_WAIT",
+    "Schedule",
+    "agreed_sync_delay",
+    "agreed_sync_every",
+    "hiding_sync_every",
+]
 
 # "auto" chooses the smallest H with comm <= H x step / AUTO_MARGIN, from moving averages of both.
 AUTO_MARGIN = 1.25
@@ -76,12 +84,20 @@ def _link_over_step(slots: Sequence[Slot]) -> tuple[float, Slot] | None:
     return min(s.comm_seconds for s in slots) / slowest.step_seconds, slowest
 
 
+def hiding_sync_every(ratio: float, cap: int | None = None) -> int:
+    """The smallest ``H`` whose ``H`` steps of compute hide one all-reduce that takes ``ratio`` steps, with the
+    ``AUTO_MARGIN``: ``⌈AUTO_MARGIN · ratio⌉``, at least 1 and at most ``cap`` (``None``: no cap). The ``H`` that
+    ``sync_every="auto"`` moves to while the slowest rank waits."""
+    wanted = max(math.ceil(AUTO_MARGIN * ratio), 1)
+    return wanted if cap is None else min(wanted, cap)
+
+
 def _hiding_steps(slots: Sequence[Slot], current: int, cap: int) -> int:
     measured = _link_over_step(slots)
     if measured is None:
         return current
     ratio, slowest = measured
-    wanted = min(max(math.ceil(AUTO_MARGIN * ratio), 1), cap)
+    wanted = hiding_sync_every(ratio, cap)
     if wanted > current and slowest.wait_seconds < HIDDEN_WAIT * slowest.step_seconds:
         return current  # already hidden
     return wanted
@@ -121,6 +137,8 @@ class Schedule:
         self.step_seconds: float | None = None
         self.comm_seconds: float | None = None
         self.wait_seconds: float | None = None
+        # (comm / step, the slowest rank's slot) at the latest merge where every rank had measured both
+        self.measured: tuple[float, Slot] | None = None
         self._clock = clock
         self._round_started: float | None = None
         self._round_steps = 0
@@ -169,7 +187,9 @@ class Schedule:
         return {"step_seconds": self.step_seconds, "comm_seconds": self.comm_seconds, "wait_seconds": self.wait_seconds}
 
     def agree(self, slots: Sequence[Slot]) -> int:
-        """Set ``H`` and ``τ`` from a merged round's slots (``"auto"``; fixed values stay). Returns the new ``H``."""
+        """Set ``H`` and ``τ`` from a merged round's slots (``"auto"``; fixed values stay), and keep the link over
+        step ratio they give (``measured``; the end-of-fit recommendation reads it). Returns the new ``H``."""
+        self.measured = _link_over_step(slots) or self.measured
         if self.auto:
             self.sync_every = agreed_sync_every(slots, self.sync_every, self.max_sync_every)
         if self.delay_auto:

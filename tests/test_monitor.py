@@ -55,9 +55,11 @@ def test_monitor_logs_the_delay_and_each_fragments_comm_and_wait(tmp_path):
 
 
 def test_monitor_can_be_turned_off(tmp_path):
-    run_ranks("fit", tmp_path, {"csv_logger": True, "log_every_n_steps": 2, "monitor": False, "max_epochs": 1})
+    results = run_ranks("fit", tmp_path, {"csv_logger": True, "log_every_n_steps": 2, "monitor": False,
+                                           "max_epochs": 1})  # fmt: skip
     rows = read_metrics(tmp_path)
     assert rows and not any(key.startswith("hpsgd/") for key in rows[0])
+    assert not any("HPSGD: measured" in r.stdout + r.stderr for r in results)  # no end-of-fit recommendation
 
 
 def test_plot_command_charts_two_runs(tmp_path):
