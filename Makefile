@@ -11,7 +11,7 @@ PYTEST_WORKERS ?= 3
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e '.[test,docs]' $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[all,test,docs]' $(TORCH_PIN)
 	touch $@
 
 install: $(VENV)/.installed

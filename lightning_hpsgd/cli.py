@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LightningCLI
 
 import lightning_hpsgd  # noqa: F401  (registers the strategy names before the Trainer is built)
 from lightning_hpsgd.errors import HPSGDError
+from lightning_hpsgd.extras import MissingExtraError
 from lightning_hpsgd.options import validate_options
 from lightning_hpsgd.strategy import REGISTERED_NAMES
 from lightning_hpsgd.wandb import dashboard_main, offline_unless_logged_in
@@ -261,6 +262,8 @@ def main(args: Sequence[str] | None = None) -> None:
         raise SystemExit(f"hpsgd: error: {err}") from None
     try:
         _run(args)
+    except MissingExtraError as err:  # a recipe's package (mnist1d, torchvision) is not installed
+        raise SystemExit(f"hpsgd: error: {err}") from None
     except (ValueError, HPSGDError) as err:
         # HPSGD's own errors (bad options, faults) are for the user: one line. A ValueError from anywhere else (the
         # user's module, a library) may be a bug, and keeps its traceback.

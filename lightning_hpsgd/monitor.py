@@ -18,7 +18,7 @@ from typing_extensions import override
 from lightning_hpsgd.compat import logging_step
 from lightning_hpsgd.engine import EngineStats
 from lightning_hpsgd.recommend import recommendation
-from lightning_hpsgd.wandb import define_wall_time_axis
+from lightning_hpsgd.wandb import define_wall_time_axis, stage_wall_time
 
 
 class HPSGDMonitor(Callback):
@@ -50,8 +50,9 @@ class HPSGDMonitor(Callback):
     validation, at the step of the validation metrics and just before them.
 
     At the start of fit it adds the strategy to every logger's run config (``strategy.name``, ``strategy.sync_every``,
-    ..., see [`describe_strategy`][]), and makes ``time/wall_s`` an x-axis of every metric in W&B
-    ([`lightning_hpsgd.wandb.define_wall_time_axis`][]).
+    ..., see [`describe_strategy`][]). In W&B it makes ``time/wall_s`` the x-axis of the ``hpsgd/*`` metrics only
+    ([`lightning_hpsgd.wandb.define_wall_time_axis`][]); the user's metrics keep Lightning's step axis, and their
+    rows get a ``time/wall_s`` column, so that a panel can chart them against wall time.
 
     Rank 0 writes; the cross-rank maxima cost one small all-reduce per log. Metrics go out the way Lightning's own
     ``LearningRateMonitor`` sends its values, at the step of Lightning's other training metrics.
@@ -104,6 +105,11 @@ class HPSGDMonitor(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._samples += _batch_size(batch)
+        self._log_interval(trainer)
+        if _lightning_logs_now(trainer):  # after the monitor's own row: Lightning's training metrics come next
+            self._stage_wall_time(trainer, other_loggers=False)  # their rows hold time/wall_s at the monitor's steps
+
+    def _log_interval(self, trainer: L.Trainer) -> None:
         step = trainer.global_step
         interval = self.every_n_steps or trainer.log_every_n_steps
         if self._last is None or step == self._last_logged_step or step % interval:
@@ -119,9 +125,21 @@ class HPSGDMonitor(Callback):
 
     @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Before Lightning logs the epoch's validation metrics: W&B copies this value into their row (step_sync).
+        # Just before Lightning logs the epoch's validation metrics, so they are placed at the time they were measured.
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
-            self._write(trainer, {"time/wall_s": time.perf_counter() - self._fit_started})
+            self._stage_wall_time(trainer, other_loggers=True)
+
+    def _stage_wall_time(self, trainer: L.Trainer, other_loggers: bool) -> None:
+        """The wall time, for the metrics Lightning logs next: staged into their W&B row; with ``other_loggers``,
+        also logged to the other loggers (CSV, TensorBoard), whose rows are joined by step."""
+        if not trainer.is_global_zero:
+            return
+        seconds = time.perf_counter() - self._fit_started
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                stage_wall_time(logger.experiment, seconds)
+            elif other_loggers:
+                logger.log_metrics({"time/wall_s": seconds}, step=logging_step(trainer))
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -221,6 +239,12 @@ def describe_strategy(trainer: L.Trainer) -> dict[str, Any]:
         out["name"] = "single_device"
     out.update(world_size=trainer.world_size, num_nodes=trainer.num_nodes, devices_per_node=trainer.num_devices)
     return out
+
+
+def _lightning_logs_now(trainer: L.Trainer) -> bool:
+    """Whether Lightning logs its training metrics after this batch (its own rule, ``log_every_n_steps``)."""
+    every = trainer.log_every_n_steps
+    return bool(every) and ((logging_step(trainer) + 1) % every == 0 or trainer.should_stop)
 
 
 def _engine(trainer: L.Trainer):

@@ -19,6 +19,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from lightning_hpsgd.extras import MissingExtraError, require
+
 __all__ = ["load_run", "main", "plot_runs"]
 
 DESCRIPTION = (
@@ -75,10 +77,8 @@ def wall_time_of(series: dict[str, list[tuple[int, float]]], steps: Sequence[int
 
 def plot_runs(run_dirs: Sequence[Path], out: Path, metric: str = "val/acc", loss: str = "train/loss") -> list[Path]:
     """Write the three charts for ``run_dirs`` into ``out``; returns the files written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    require("matplotlib", "hpsgd plot").use("Agg")
+    plt = require("matplotlib.pyplot", "hpsgd plot")
 
     runs = [load_run(Path(d)) for d in run_dirs]
     out.mkdir(parents=True, exist_ok=True)
@@ -139,9 +139,7 @@ def _legend_or_note(ax, note: str) -> None:
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    require("matplotlib.pyplot", "hpsgd plot").close(fig)
     return path
 
 
@@ -156,7 +154,7 @@ def main(args: Sequence[str] | None = None) -> None:
     parsed = parser.parse_args(args)
     try:
         written = plot_runs(parsed.runs, parsed.out, parsed.metric, parsed.loss)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, MissingExtraError) as err:
         parser.exit(2, f"hpsgd plot: error: {err}\n")  # a user error: one line, no traceback
     for path in written:
         print(path)

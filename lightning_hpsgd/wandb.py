@@ -2,8 +2,8 @@
 
 * [`offline_unless_logged_in`][] makes ``WandbLogger`` write offline runs when no API key is configured (the
   ``hpsgd`` command calls it), so recipes run on machines without W&B access and sync later with ``wandb sync``.
-* [`define_wall_time_axis`][] makes every metric chartable against ``time/wall_s`` as well as the step
-  (``HPSGDMonitor`` calls it for each ``WandbLogger``).
+* [`define_wall_time_axis`][] charts the ``hpsgd/*`` metrics against ``time/wall_s`` by default, and leaves the
+  x-axis of the user's own metrics alone (``HPSGDMonitor`` calls it for each ``WandbLogger``).
 * [`read_run`][] reads an offline (or synced) run's ``.wandb`` file back, with wandb's own record reader.
 * [`build_workspace`][] describes the comparison dashboard of ``docs/wandb.md`` with ``wandb-workspaces``
   (``hpsgd dashboard``).
@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+from lightning_hpsgd.extras import MissingExtraError, require
 
 WALL_TIME = "time/wall_s"
 STEP = "trainer/global_step"  # Lightning's WandbLogger adds it to every row it logs
@@ -54,16 +56,29 @@ def offline_unless_logged_in(environ: MutableMapping[str, str] | None = None) ->
     return True
 
 
-def define_wall_time_axis(run: Any) -> None:
-    """Chart every metric of ``run`` against ``time/wall_s`` by default, keeping the step as an x-axis too.
+HPSGD_METRICS = "hpsgd/*"  # the monitor's own keys; the user's metrics are never given a new x-axis
 
-    Lightning's ``WandbLogger`` writes ``trainer/global_step`` into every row it logs. With ``step_sync``, W&B also
-    writes the latest ``time/wall_s`` into every row that lacks it, so each metric (validation accuracy included,
-    which is logged in its own row) can be charted against either axis: accuracy at a fixed wall time, or per step.
+
+def define_wall_time_axis(run: Any) -> None:
+    """Chart the monitor's ``hpsgd/*`` metrics against ``time/wall_s`` by default; leave every other metric alone.
+
+    Only the project's own keys are defined: ``time/wall_s`` (its summary is the maximum) and the ``hpsgd/*`` glob.
+    The user's metrics keep the x-axis Lightning's ``WandbLogger`` gives them (``trainer/global_step``), so an
+    existing project's charts do not change. To chart a user's metric against wall time, a panel names
+    ``time/wall_s`` as its x-axis (the dashboard of [`build_workspace`][] does); ``HPSGDMonitor`` puts the wall
+    time into the rows of Lightning's training and validation metrics for that ([`stage_wall_time`][]).
     """
-    run.define_metric(STEP)
     run.define_metric(WALL_TIME, summary="max")
-    run.define_metric("*", step_metric=WALL_TIME, step_sync=True)
+    run.define_metric(HPSGD_METRICS, step_metric=WALL_TIME, step_sync=True)
+
+
+def stage_wall_time(run: Any, seconds: float) -> None:
+    """Put ``time/wall_s = seconds`` into the next row logged to ``run``, without a row of its own.
+
+    W&B charts ``y`` against ``x`` from the rows that hold both. Lightning logs each batch of metrics in its own
+    row, so the wall time is staged (``commit=False``) just before Lightning logs, and lands in Lightning's row.
+    """
+    run.log({WALL_TIME: seconds}, commit=False)
 
 
 @dataclass
@@ -102,9 +117,9 @@ def read_run(path: str | os.PathLike[str]) -> WandbRun:
     Raises:
         FileNotFoundError: if there is no ``.wandb`` file at ``path``.
         ValueError: if the file is not a W&B transaction log, or a record's checksum is wrong.
-        ImportError: if wandb is not installed.
+        MissingExtraError: if wandb is not installed (``pip install 'lightning-hpsgd[wandb]'``).
     """
-    from wandb.proto import wandb_internal_pb2
+    wandb_internal_pb2 = require("wandb.proto.wandb_internal_pb2", "Reading a W&B run")
 
     path = Path(path)
     if path.is_dir():
@@ -232,7 +247,7 @@ def build_workspace(entity: str, project: str, group: str | None = None, name: s
     """The comparison dashboard as a ``wandb_workspaces`` ``Workspace``: runs grouped by ``job_type`` (the strategy).
 
     ``workspace.save()`` creates it on the server (``hpsgd dashboard`` does). Needs ``pip install
-    'lightning-hpsgd[dashboard]'``.
+    'lightning-hpsgd[wandb]'``.
 
     Args:
         entity: the W&B user or team that owns ``project``.
@@ -240,9 +255,9 @@ def build_workspace(entity: str, project: str, group: str | None = None, name: s
         group: only runs of this group (a recipe, e.g. ``mnist1d``); ``None`` shows every run of the project.
         name: the workspace's name in the W&B app.
     """
-    import wandb_workspaces.reports.v2 as wr
-    import wandb_workspaces.workspaces as ws
-    from wandb_workspaces import expr
+    wr = require("wandb_workspaces.reports.v2", "hpsgd dashboard")
+    ws = require("wandb_workspaces.workspaces", "hpsgd dashboard")
+    expr = require("wandb_workspaces.expr", "hpsgd dashboard")
 
     sections = [
         ws.Section(
@@ -267,7 +282,7 @@ def dashboard_main(args: Sequence[str] | None = None) -> None:
         prog="hpsgd dashboard",
         description="Create a W&B workspace comparing HPSGD with its baselines: accuracy against wall time, the"
         " hidden fraction of communication, wait against comm, drift. Needs an API key (wandb login) and"
-        " pip install 'lightning-hpsgd[dashboard]'.",
+        " pip install 'lightning-hpsgd[wandb]'.",
     )
     parser.add_argument("--entity", required=True, help="the W&B user or team that owns the project")
     parser.add_argument("--project", default="lightning-hpsgd", help="the project (default: %(default)s)")
@@ -277,9 +292,8 @@ def dashboard_main(args: Sequence[str] | None = None) -> None:
     options = parser.parse_args(args)
     try:
         workspace = build_workspace(options.entity, options.project, options.group, options.name)
-    except ImportError as err:
-        hint = "pip install 'lightning-hpsgd[dashboard]'"
-        raise SystemExit(f"hpsgd dashboard needs wandb-workspaces: {hint} ({err}).") from err
+    except MissingExtraError as err:
+        raise SystemExit(f"hpsgd dashboard: error: {err}") from None
     for section in workspace.sections:
         print(section.name)
         for panel in section.panels:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 
 from lightning_hpsgd.wandb import (
     DASHBOARD,
+    HPSGD_METRICS,
     STEP,
     WALL_TIME,
     build_workspace,
@@ -51,8 +53,16 @@ def test_two_process_fit_writes_an_offline_run_with_hpsgd_metrics_config_and_wal
         assert row["hpsgd/step_ms"] > 0 and row["hpsgd/samples_per_s"] > 0
     assert [row["hpsgd/rounds"] for row in rounds] == sorted(row["hpsgd/rounds"] for row in rounds)
 
-    # The wall-time axis: every metric is charted against time/wall_s by default, and the step stays in each row.
-    assert run.metrics["*"] == {"step_metric": WALL_TIME, "step_sync": True}
+    # The wall-time axis is only the monitor's: hpsgd/* against time/wall_s. The "*" glob is Lightning's WandbLogger's
+    # own (the last definition of a name is the one W&B applies), so the user's val_loss and train_loss keep the step.
+    assert run.metrics[HPSGD_METRICS] == {"step_metric": WALL_TIME, "step_sync": True}
+    assert run.metrics["*"] == {"step_metric": STEP, "step_sync": True}
+    assert [name for name, m in run.metrics.items() if m["step_metric"] == WALL_TIME] == [HPSGD_METRICS]
+    assert not any(fnmatch.fnmatchcase(key, HPSGD_METRICS) for key in ("val_loss", "train_loss", "epoch"))
+    # Yet the user's rows carry the wall time, for a panel that charts them against it (the dashboard's).
+    training = [row for row in run.history if "train_loss" in row]
+    assert training and all(WALL_TIME in row and STEP in row for row in training)
+    assert all(0 < row[WALL_TIME] for row in training)
     validation = [row for row in run.history if "val_loss" in row]
     assert len(validation) == 3  # one per epoch
     for row in validation:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_hpsgd.extras import require
 from lightning_hpsgd.tensor_utils import checksums
 
 # The implementation before the batched one (same contract, different weights), for the figure before and after.
@@ -65,8 +66,7 @@ METHODS: dict[str, Callable[[Sequence[Tensor]], Tensor]] = {
 
 def resnet50_tensors(device: torch.device) -> list[Tensor]:
     """ResNet-50's parameters and floating-point buffers (random initialization), as the integrity check sees them."""
-    from torchvision.models import resnet50
-
+    resnet50 = require("torchvision.models", "The ResNet-50 integrity check").resnet50
     model = resnet50(weights=None).to(device)
     return [p.detach() for p in model.parameters()] + [b for b in model.buffers() if b.is_floating_point()]
 

@@ -36,6 +36,7 @@ from typing import Any
 
 from lightning_hpsgd.bench.netns import NetnsUnavailable, SlowLink
 from lightning_hpsgd.bench.worker import DEFAULT_STRATEGIES, STRATEGIES
+from lightning_hpsgd.extras import require
 
 FULL_SPEED_MBIT = 10_000.0
 DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "NODE_RANK", "LOCAL_RANK", "GROUP_RANK",
@@ -474,10 +475,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], path: Path) -> None:
     """``bench.png``: step-time bars (min–max whiskers) and validation accuracy against training wall time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    require("matplotlib", "The benchmark's chart").use("Agg")
+    plt = require("matplotlib.pyplot", "The benchmark's chart")
 
     names = list(report["strategies"])
     # One above the other, 770 px wide: the width the documentation shows it at, so labels stay readable.

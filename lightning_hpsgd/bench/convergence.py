@@ -43,6 +43,8 @@ from typing import Any
 
 import torch
 
+from lightning_hpsgd.extras import require
+
 FAMILIES = ("localsgd", "hpsgd", "hpsgd_stale", "hpsgd_outer", "diloco", "hpsgd_delay", "hpsgd_fragments")
 OUTER_FAMILIES = ("hpsgd_outer", "diloco", "hpsgd_delay", "hpsgd_fragments")
 # Steps per budget ("short", "long"). MNIST-1D: where large H costs most, and where it costs little. Reverse: the
@@ -389,10 +391,8 @@ def markdown(config: StudyConfig, results: Sequence[dict[str, Any]]) -> str:
 
 def plot(config: StudyConfig, results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     """``convergence_<task>.png``: accuracy against H, one panel per (budget, W); DDP as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    require("matplotlib", "The convergence study's charts").use("Agg")
+    plt = require("matplotlib.pyplot", "The convergence study's charts")
 
     table = summarize(results)
     paths = []

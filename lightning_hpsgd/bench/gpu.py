@@ -33,6 +33,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from lightning_hpsgd.extras import require
+
 MODES = ("compute-only", "ddp", "hpsgd", "hpsgd_h4")
 SYNC_EVERY = {"hpsgd": 1, "hpsgd_h4": 4}
 
@@ -66,9 +68,7 @@ class ModeResult:
 
 def _model(name: str) -> nn.Module:
     if name == "resnet18":
-        from torchvision.models import resnet18
-
-        return resnet18(num_classes=10)
+        return require("torchvision.models", "The ResNet-18 GPU benchmark").resnet18(num_classes=10)
     if name == "mlp":
         return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 256), nn.ReLU(), nn.Linear(256, 10))
     raise ValueError(f"Unknown model {name!r}; choose 'resnet18' or 'mlp'.")

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_hpsgd.extras import require
 from lightning_hpsgd.recipes.classifier import ImageClassifier
 
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -57,7 +58,7 @@ class CIFAR10DataModule(L.LightningDataModule):
             return
         if not self.download:
             raise FileNotFoundError(self._missing_message("download=False"))
-        from torchvision.datasets import CIFAR10
+        CIFAR10 = require("torchvision.datasets", "The CIFAR-10 recipe").CIFAR10  # noqa: N806
 
         try:
             CIFAR10(self.data_dir, train=True, download=True)
@@ -66,13 +67,13 @@ class CIFAR10DataModule(L.LightningDataModule):
             raise FileNotFoundError(self._missing_message(f"the download failed: {err}")) from err
 
     def setup(self, stage: str) -> None:
-        from torchvision import transforms as T
+        T = require("torchvision.transforms", "The CIFAR-10 recipe")  # noqa: N806
 
         normalize = T.Normalize(MEAN, STD)
         train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
         test_tf = T.Compose([T.ToTensor(), normalize])
         if self.fake:
-            from torchvision.datasets import FakeData
+            FakeData = require("torchvision.datasets", "The CIFAR-10 recipe").FakeData  # noqa: N806
 
             rank_zero_warn(
                 "CIFAR10DataModule(fake=True): training on SYNTHETIC data (torchvision FakeData, random images of"
@@ -83,7 +84,7 @@ class CIFAR10DataModule(L.LightningDataModule):
             return
         if not (self.data_dir / CIFAR_FOLDER).exists():
             raise FileNotFoundError(self._missing_message("it is not there"))
-        from torchvision.datasets import CIFAR10
+        CIFAR10 = require("torchvision.datasets", "The CIFAR-10 recipe").CIFAR10  # noqa: N806
 
         self.train_set = CIFAR10(self.data_dir, train=True, transform=train_tf)
         self.test_set = CIFAR10(self.data_dir, train=False, transform=test_tf)
@@ -128,9 +129,7 @@ class CIFAR10ResNet18(ImageClassifier):
     def __init__(self, lr: float = 0.1, weight_decay: float = 5e-4, optimizer: str = "sgd") -> None:
         super().__init__(num_classes=10, lr=lr, weight_decay=weight_decay, optimizer=optimizer)
         self.save_hyperparameters()
-        from torchvision.models import resnet18
-
-        net = resnet18(num_classes=10)
+        net = require("torchvision.models", "The CIFAR-10 recipe").resnet18(num_classes=10)
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
         self.net = net

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_hpsgd.extras import require
 from lightning_hpsgd.recipes.classifier import ImageClassifier
 
 DATA_FILE = "mnist1d_default.pkl"
@@ -44,7 +45,8 @@ class MNIST1DDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         if self.path.exists():
             return
-        from mnist1d.data import get_dataset_args, make_dataset
+        data_module = require("mnist1d.data", "The MNIST-1D recipe")
+        get_dataset_args, make_dataset = data_module.get_dataset_args, data_module.make_dataset
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         data = make_dataset(get_dataset_args())
