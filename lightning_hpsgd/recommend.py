@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 
-from lightning_hpsgd.options import DEFAULT_MAX_SYNC_EVERY
 from lightning_hpsgd.schedule import AUTO_MARGIN, hiding_sync_every
 
 __all__ = ["BF16_ABOVE_RATIO", "recommendation"]
@@ -23,7 +22,7 @@ def recommendation(
     *,
     fragments: int = 1,
     wait_fraction: float | None = None,
-    max_sync_every: int = DEFAULT_MAX_SYNC_EVERY,
+    max_sync_every: int = 32,
     compressed: bool = False,
 ) -> str:
     """Two lines: what was measured, and the ``sync_every`` (and ``fragments``) that hides this link.
@@ -34,7 +33,8 @@ def recommendation(
             > 1, of one fragment's all-reduce (``1/F`` of the model), scaled here to the whole model.
         fragments: ``F`` of the measured run.
         wait_fraction: the share of its training time that rank 0 waited at merges (``None``: not stated).
-        max_sync_every: the cap of ``sync_every="auto"``, named when the link needs more.
+        max_sync_every: the cap of ``sync_every="auto"``, named when the link needs more (default 32, the
+            strategy's default ``max_sync_every``).
         compressed: whether the run already sent a 16-bit wire (no ``comm_dtype="bf16"`` advice then).
 
     The ratio is rounded to two decimals before the rule is applied, so that the printed ratio gives the printed

@@ -219,6 +219,7 @@ def test_api_reference_shows_plain_formulas_and_the_values_of_defaults_and_types
     from lightning_hpsgd import HPSGDStrategy, compat
     from lightning_hpsgd.engine import HPSGDEngine
     from lightning_hpsgd.options import DEFAULT_MAX_SYNC_EVERY
+    from lightning_hpsgd.recommend import recommendation
 
     api_page = (site / "api" / "index.html").read_text()
     text = as_text(api_page)
@@ -240,6 +241,7 @@ def test_api_reference_shows_plain_formulas_and_the_values_of_defaults_and_types
     assert shown_signature(api_page, "lightning_hpsgd.HPSGDStrategy")["timeout"] == "timedelta(minutes=30)"
     # The literal defaults are the values the package's constants and Lightning's DDP use.
     assert inspect.signature(HPSGDEngine).parameters["max_sync_every"].default == DEFAULT_MAX_SYNC_EVERY
+    assert inspect.signature(recommendation).parameters["max_sync_every"].default == DEFAULT_MAX_SYNC_EVERY
     assert inspect.signature(HPSGDStrategy).parameters["timeout"].default == compat.default_pg_timeout
     for alias, definition in [("SyncEvery", "int | Literal['auto']"), ("SyncDelay", "int | Literal['auto'] | None"),
                               ("MergeMode", "Literal['replica', 'stale']")]:  # fmt: skip
