@@ -152,8 +152,10 @@ def validate_launch(start_method: str, timeout: timedelta | float | None) -> tim
     """Check the launcher's start method and the process-group timeout; returns the timeout as a ``timedelta``."""
     if start_method not in START_METHODS:
         raise ValueError(f"start_method must be one of {list(START_METHODS)}; received {start_method!r}.")
-    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
-        timeout = timedelta(seconds=timeout)
-    if timeout is not None and (not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0):
-        raise ValueError(f"timeout must be a positive timedelta or number of seconds; received {timeout!r}.")
-    return timeout
+    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+    if timeout is not None and (not _is_real(seconds) or not 0 < seconds < timedelta.max.total_seconds()):
+        raise ValueError(
+            f"timeout must be a positive number of seconds or timedelta (the process group's, default 1800 s);"
+            f" received {timeout!r}."
+        )
+    return timedelta(seconds=seconds) if isinstance(timeout, (int, float)) else timeout

@@ -50,7 +50,7 @@ def test_registering_twice_is_harmless():
         ({"comm_dtype": "int8"}, "comm_dtype must be None (full precision), torch.bfloat16, torch.float16 or"),
         ({"comm_dtype": torch.float64}, "received torch.float64"),
         ({"start_method": "thread"}, "start_method must be one of ['popen', 'spawn', 'fork', 'forkserver']"),
-        ({"timeout": -1}, "timeout must be a positive timedelta or number of seconds"),
+        ({"timeout": -1}, "timeout must be a positive number of seconds or timedelta"),
         ({"sync_every": "fast"}, "sync_every must be an integer >= 1 (optimizer steps per round) or 'auto'"),
         ({"max_sync_every": 0}, "max_sync_every must be an integer from 1 to"),
         ({"outer_lr": 0}, "outer_lr must be a finite number > 0 (1.0: plain HPSGD); received 0"),
