@@ -226,14 +226,17 @@ def draw_runs(runs: Sequence[Run], out: Path, metric: str = "val/acc", loss: str
     return written
 
 
-def accuracy_axis(ax) -> None:
+def accuracy_axis(ax, always: bool = False) -> None:
     """Keep an accuracy axis at or below 1.0: the top margin matplotlib adds would show values no run can reach.
 
-    Only when every plotted value lies in [0, 1] (an accuracy or a fraction); a loss keeps its axis.
+    Args:
+        ax: the axes.
+        always: clip at 1.0 whatever is drawn (an error bar may reach past 1). By default only when every line's
+            value lies in [0, 1], so a metric that is not a fraction (a loss, chosen with ``--metric``) keeps its
+            axis.
     """
     values = [y for line in ax.get_lines() for y in line.get_ydata()]
-    values += [y for collection in ax.collections for _, y in collection.get_offsets()]
-    if values and all(0.0 <= y <= 1.0 for y in values):
+    if always or (values and all(0.0 <= y <= 1.0 for y in values)):
         low, high = ax.get_ylim()
         ax.set_ylim(low, min(high, 1.0))
 
