@@ -51,6 +51,13 @@ def quiet_the_libraries() -> None:
         warnings.filterwarnings("ignore", message=message)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropMessages(QUIET_INFO))
     os.environ.setdefault("WANDB_SILENT", "true")
+    try:
+        import wandb
+    except ImportError:
+        return
+    # Lightning's WandbLogger passes anonymous=None, and W&B warns about that setting while it reads the run's
+    # settings, before WANDB_SILENT takes effect: apply it to W&B's console now.
+    wandb.termsetup(wandb.Settings(silent=os.environ["WANDB_SILENT"].lower() in ("1", "true")), None)
 
 
 def main() -> None:
