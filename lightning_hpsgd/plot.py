@@ -211,8 +211,9 @@ def draw_runs(runs: Sequence[Run], out: Path, metric: str = "val/acc", loss: str
         ax.grid(alpha=0.3)
         if name == "loss_vs_step.png" and chart["series"]:
             ax.set_yscale("log")
-        if name == "hidden_vs_step.png":
-            ax.set_ylim(-0.05, 1.05)
+        if name == "hidden_vs_step.png":  # below 0 when a rank waited longer than the all-reduce took (jitter)
+            lowest = min([p[1] for points in chart["series"].values() for p in points], default=0.0)
+            ax.set_ylim(min(-0.05, lowest - 0.05), 1.05)
         if name == "accuracy_vs_wall_time.png":
             accuracy_axis(ax)
         if not chart["series"] and "empty" in chart:
