@@ -40,4 +40,4 @@ bench: $(VENV)/.installed
 	$(PY) -m lightning_hpsgd.bench --out $(BENCH_OUT) $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache lightning_logs bench_results site *.egg-info
+	rm -rf $(VENV) .pytest_cache lightning_logs checkpoints plots bench_results site *.egg-info

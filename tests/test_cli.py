@@ -166,10 +166,22 @@ def test_cifar10_offline_without_data_fails_at_once_and_says_where_to_put_it(tmp
     assert "--data.fake true" in done.stderr
 
 
+# What `make demo` must not print before its result table: library warnings (a path:line prefix, or "Warning"),
+# deprecations, advice and advertisements (Lightning's "Tip"), and W&B's console lines.
+NOISE = re.compile(r"warn|deprecat|recommend|tip:|litlogger|^wandb:|\.py:\d+: ", re.IGNORECASE)
+
+
+def noise_before_the_table(stdout: str, stderr: str) -> list[str]:
+    """The lines of the demo's output, before its "Result:" table, that are warnings or advertisements."""
+    before = stdout.split("\nResult: ")[0].splitlines() + stderr.splitlines()
+    return [line for line in before if NOISE.search(line)]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(DEMO_TIMEOUT_S + 60)
 def test_demo_reaches_the_mnist1d_paper_accuracy(tmp_path):
-    """`make demo`'s run: the MNIST-1D recipe with HPSGD on 2 processes must reach >= 94 % test accuracy.
+    """`make demo`'s run: the MNIST-1D recipe with HPSGD on 2 processes must reach >= 94 % test accuracy, and
+    print no library warning or advertisement before its table.
 
     Its logs land where the recipe says, relative to the working directory: CSV, and W&B offline (no API key here).
     """
@@ -182,8 +194,12 @@ def test_demo_reaches_the_mnist1d_paper_accuracy(tmp_path):
         cwd=tmp_path, env=env, timeout=DEMO_TIMEOUT_S,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
+    assert noise_before_the_table(done.stdout, done.stderr) == []
     accuracy = float(re.search(r"test accuracy\s+([0-9.]+)", done.stdout).group(1))
     assert accuracy >= 0.94, done.stdout
+    # Its own checkpoint folder: the user's checkpoints/mnist1d_hpsgd/last.ckpt (the Quick start's) is not replaced.
+    assert (tmp_path / "checkpoints" / "demo" / "mnist1d_hpsgd" / "last.ckpt").is_file()
+    assert not (tmp_path / "checkpoints" / "mnist1d_hpsgd").exists()
     assert re.search(r"HPSGD rounds\s+\d+", done.stdout) and "mean wait per round" in done.stdout
     metrics = tmp_path / "lightning_logs" / "mnist1d_hpsgd" / "version_0" / "metrics.csv"
     # An accuracy curve, not 4 points: validation every 2 of the 40 epochs.

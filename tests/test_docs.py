@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from tests.launch import ROOT, base_env, run_commands
@@ -28,9 +27,8 @@ def user_env(tmp_path: Path) -> dict[str, str]:
 
 # Limits on the snippets' commands, at least 10 times what they take on an idle 2-core machine running the suite two
 # tests at a time, so that a machine busy with other work makes a test slow, never a failure: up to 25 s for a
-# training script on 2-4 processes, about 55 s for the Quick start's train-then-test commands.
+# training script on 2-4 processes.
 SNIPPET_TIMEOUT_S = 300
-QUICKSTART_CLI_TIMEOUT_S = 600
 
 
 def run_all(
@@ -55,15 +53,7 @@ def test_configured_strategy_snippet_sets_the_options():
     assert trainer.num_devices == 2
 
 
-@pytest.mark.timeout(QUICKSTART_CLI_TIMEOUT_S + 60)
-def test_quickstart_commands_train_then_test_a_recipe(tmp_path):
-    shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
-    cmd = ["bash", "-e", str(SNIPPETS / "quickstart_cli.sh")]
-    (out,) = run_all([cmd], [user_env(tmp_path)], tmp_path, QUICKSTART_CLI_TIMEOUT_S)
-    assert "`Trainer.fit` stopped: `max_epochs=2` reached." in out
-    accuracy = float(re.search(r"test/acc\s+│?\s*([0-9.]+)", out).group(1))
-    # 2 epochs of MNIST-1D: above chance (0.1); the demo test checks the accuracy of a full run.
-    assert accuracy > 0.2, out[-3000:]
+# The Quick start's command-line snippet (train, test, baseline, plot) runs in tests/test_flow.py.
 
 
 def test_make_demo_runs_the_demo_module():

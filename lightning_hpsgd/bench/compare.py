@@ -478,6 +478,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     require("matplotlib", "The benchmark's chart").use("Agg")
     plt = require("matplotlib.pyplot", "The benchmark's chart")
 
+    from lightning_hpsgd.plot import accuracy_axis, legend_outside
+
     names = list(report["strategies"])
     # One above the other, 770 px wide: the width the documentation shows it at, so labels stay readable.
     fig, (bars, curves) = plt.subplots(2, 1, figsize=(7, 8.4))
@@ -496,10 +498,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
     curves.set_xlabel("training wall time (s, validation excluded)")
     curves.set_ylabel("validation accuracy")
     curves.set_title("Accuracy against wall time (equal-steps runs)")
-    curves.legend(fontsize=8)
+    accuracy_axis(curves, always=True)
     fig.suptitle(f"{report['model']}, {_workers(report)}, comm/compute {report['measured_comm_ratio']:.2f}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    legend_outside(fig, curves, ncol=3)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

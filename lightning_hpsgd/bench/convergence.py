@@ -394,6 +394,8 @@ def plot(config: StudyConfig, results: Sequence[dict[str, Any]], out: Path) -> l
     require("matplotlib", "The convergence study's charts").use("Agg")
     plt = require("matplotlib.pyplot", "The convergence study's charts")
 
+    from lightning_hpsgd.plot import accuracy_axis
+
     table = summarize(results)
     paths = []
     for task in config.tasks:
@@ -422,11 +424,16 @@ def plot(config: StudyConfig, results: Sequence[dict[str, Any]], out: Path) -> l
                     ax.set_xlabel("sync_every (H)")
                 if col == 0:
                     ax.set_ylabel("val accuracy")
-        axes[0][0].legend(fontsize=7)
+        for ax in axes[:, 0]:  # the first panel of each row sets the row's shared axis
+            accuracy_axis(ax, always=True)
         fig.suptitle(f"{task}: accuracy at equal steps")
         fig.tight_layout()
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        # Below every panel, never over a curve: the figure grows to hold it (bbox_inches="tight").
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(handles) or 1),
+                   fontsize=7, frameon=False)  # fmt: skip
         path = out / f"convergence_{task}.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
     return paths
