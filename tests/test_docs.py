@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import re
 import runpy
-import shutil
 import subprocess
 import sys
 from pathlib import Path
