@@ -24,9 +24,11 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check lightning_hpsgd tests recipes docs
 
 # The documentation site (MkDocs Material, API reference from docstrings) in site/; --strict: a broken link,
-# a missing page or a docstring warning fails the build. The overview's figures are drawn first.
+# a missing page or a docstring warning fails the build. The overview's figures are drawn first, and the Benchmarks
+# page's convergence charts from that page's own tables.
 docs: $(VENV)/.installed
 	$(PY) docs/scripts/figures.py docs/img
+	$(PY) docs/scripts/convergence_figures.py docs/img
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 # Trains the MNIST-1D recipe with HPSGD on 2 CPU processes (data generated locally), tests it, prints a table.

@@ -1,9 +1,10 @@
 """The figures the README and the Overview quote are the Benchmarks page's, from the same run; the memory they
-state is what a real engine holds."""
+state is what a real engine holds; the page's convergence charts are drawn from its own tables."""
 
 from __future__ import annotations
 
 import re
+import runpy
 
 import pytest
 import torch
@@ -151,3 +152,60 @@ def test_the_memory_stated_is_what_the_engine_holds(one_rank_group, options, gb,
     if gb in (12, 16, 10):
         for page in QUOTING.values():
             assert f"{gb} GB" in block(page.read_text(), "Should I use it?")
+
+
+CONVERGENCE = runpy.run_path(str(ROOT / "docs" / "scripts" / "convergence_figures.py"))
+
+
+def test_the_convergence_tables_are_read_row_by_row():
+    config, table = CONVERGENCE["page_tables"]()
+    for task in ("mnist1d", "reverse"):
+        on_page = rows(block(BENCHMARKS, f"{task}: validation accuracy"))
+        header = on_page.pop("method")
+        assert len(on_page) == 13 and len(header) == 6, (task, list(on_page))  # ddp; 4 families at H = 1, 4, 16
+        read = {key: value for key, value in table.items() if key[0] == task}
+        assert len(read) == 13 * 6, task  # every row, every column
+        for name, cells in on_page.items():
+            for (w, steps), cell in zip(((w, s) for s in config.budgets[task] for w in config.workers), cells):
+                assert f"W={w}, {steps} steps" in header
+                budget = "short" if steps == config.budgets[task][0] else "long"
+                found = read[(task, budget, w, *CONVERGENCE["method"](name))]
+                assert cell == f"{found['acc']:.4f} ± {found['acc_std']:.4f}", (task, name, w, steps)
+    assert config.workers == (2, 4, 8) and config.sync_every == (1, 4, 16)
+    assert config.budgets == {"mnist1d": (300, 1000), "reverse": (200, 400)}
+    assert table[("mnist1d", "short", 2, "ddp", None, None, 1)] == {"acc": 0.926, "acc_std": 0.0132}
+    assert table[("mnist1d", "short", 8, "hpsgd_outer", 16, None, 1)] == {"acc": 0.8497, "acc_std": 0.0232}
+    assert table[("mnist1d", "long", 8, "hpsgd_stale", 4, None, 1)] == {"acc": 0.353, "acc_std": 0.3515}
+    assert table[("reverse", "short", 8, "hpsgd_outer", 16, None, 1)] == {"acc": 0.7138, "acc_std": 0.1505}
+    assert table[("reverse", "long", 2, "hpsgd_stale", 16, None, 1)] == {"acc": 0.9649, "acc_std": 0.0604}
+    assert CONVERGENCE["method"]("hpsgd_fragments H=16 τ=1 F=8") == ("hpsgd_fragments", 16, 1, 8)
+    assert CONVERGENCE["method"]("diloco H=4") == ("diloco", 4, 0, 1)
+
+
+@pytest.mark.parametrize("task", ["mnist1d", "reverse"])
+def test_the_convergence_charts_keep_the_legend_off_the_panels_and_accuracy_at_most_1(task):
+    from matplotlib import pyplot as plt
+
+    from lightning_hpsgd.bench.convergence import figure
+
+    config, table = CONVERGENCE["page_tables"]()
+    fig = figure(config, table, task)
+    try:
+        renderer = fig.canvas.get_renderer()
+        (legend,) = fig.legends
+        assert [t.get_text() for t in legend.get_texts()] == ["ddp", "localsgd", "hpsgd", "hpsgd_stale", "hpsgd_outer"]
+        box = legend.get_window_extent(renderer)
+        assert len(fig.axes) == 6
+        for ax in fig.axes:
+            assert not box.overlaps(ax.get_window_extent(renderer)), ax.get_title()
+            assert box.y1 <= ax.get_tightbbox(renderer).y0, ax.get_title()  # below the tick labels too
+            assert ax.get_ylim()[1] <= 1.0, (ax.get_title(), ax.get_ylim())
+        # The page's numbers: W = 8, short budget, HPSGD with the outer optimizer at H = 1, 4, 16; DDP's line.
+        panel = next(ax for ax in fig.axes if ax.get_title() == f"W=8, {config.budgets[task][0]} steps")
+        (outer,) = [c for c in panel.containers if c.get_label() == "hpsgd_outer"]
+        expected = [table[(task, "short", 8, "hpsgd_outer", h, None, 1)]["acc"] for h in (1, 4, 16)]
+        assert list(outer.lines[0].get_ydata()) == expected
+        (ddp,) = [line for line in panel.get_lines() if line.get_label() == "ddp"]
+        assert ddp.get_ydata()[0] == table[(task, "short", 8, "ddp", None, None, 1)]["acc"]
+    finally:
+        plt.close(fig)

@@ -391,52 +391,66 @@ def markdown(config: StudyConfig, results: Sequence[dict[str, Any]]) -> str:
 
 def plot(config: StudyConfig, results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     """``convergence_<task>.png``: accuracy against H, one panel per (budget, W); DDP as a dashed line."""
-    require("matplotlib", "The convergence study's charts").use("Agg")
-    plt = require("matplotlib.pyplot", "The convergence study's charts")
+    return plot_table(config, summarize(results), out)
 
-    from lightning_hpsgd.plot import accuracy_axis
 
-    table = summarize(results)
+def plot_table(config: StudyConfig, table: dict[tuple, dict[str, float]], out: Path) -> list[Path]:
+    """``plot`` from a summary table (what ``summarize`` returns; only ``acc`` and ``acc_std`` are read):
+    ``convergence_<task>.png`` in ``out`` for each task of ``config``; the docs redraw the Benchmarks page's charts
+    from its own tables with it (``docs/scripts/convergence_figures.py``)."""
     paths = []
     for task in config.tasks:
-        budgets = list(zip(("short", "long"), config.budgets[task]))
-        fig, axes = plt.subplots(len(budgets), len(config.workers), figsize=(7, 2.6 * len(budgets) + 0.6),
-                                 squeeze=False, sharey="row")  # fmt: skip
-        for row, (budget, steps) in enumerate(budgets):
-            for col, w in enumerate(config.workers):
-                ax = axes[row][col]
-                series: dict[str, list[tuple[int, dict[str, float]]]] = {}
-                for method in methods(config):  # one line per method apart from H
-                    found = table.get((task, budget, w, *method))
-                    if method[1] is not None and found is not None:
-                        label = method_name(*method).replace(f" H={method[1]}", "")
-                        series.setdefault(label, []).append((method[1], found))
-                for label, points in series.items():
-                    ax.errorbar([h for h, _ in points], [s["acc"] for _, s in points],
-                                yerr=[s["acc_std"] for _, s in points], marker="o", capsize=3, label=label)  # fmt: skip
-                ddp = table.get((task, budget, w, "ddp", None, None, 1))
-                if ddp:
-                    ax.axhline(ddp["acc"], color="black", linestyle="--", label="ddp")
-                ax.set_xscale("log", base=2)
-                ax.set_xticks(list(config.sync_every), [str(h) for h in config.sync_every])
-                ax.set_title(f"W={w}, {steps} steps", fontsize=9)
-                if row == len(budgets) - 1:
-                    ax.set_xlabel("sync_every (H)")
-                if col == 0:
-                    ax.set_ylabel("val accuracy")
-        for ax in axes[:, 0]:  # the first panel of each row sets the row's shared axis
-            accuracy_axis(ax, always=True)
-        fig.suptitle(f"{task}: accuracy at equal steps")
-        fig.tight_layout()
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        # Below every panel, never over a curve: the figure grows to hold it (bbox_inches="tight").
-        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(handles) or 1),
-                   fontsize=7, frameon=False)  # fmt: skip
+        fig = figure(config, table, task)  # selects the Agg backend before pyplot is imported
+        plt = require("matplotlib.pyplot", "The convergence study's charts")
         path = out / f"convergence_{task}.png"
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def figure(config: StudyConfig, table: dict[tuple, dict[str, float]], task: str) -> Any:
+    """One task's chart, not saved: accuracy against H, one panel per (budget, W); DDP as a dashed line; the legend
+    below the panels. Returns the matplotlib ``Figure``."""
+    require("matplotlib", "The convergence study's charts").use("Agg")
+    plt = require("matplotlib.pyplot", "The convergence study's charts")
+
+    from lightning_hpsgd.plot import accuracy_axis
+
+    budgets = list(zip(("short", "long"), config.budgets[task]))
+    fig, axes = plt.subplots(len(budgets), len(config.workers), figsize=(7, 2.6 * len(budgets) + 0.6),
+                             squeeze=False, sharey="row")  # fmt: skip
+    for row, (budget, steps) in enumerate(budgets):
+        for col, w in enumerate(config.workers):
+            ax = axes[row][col]
+            series: dict[str, list[tuple[int, dict[str, float]]]] = {}
+            for method in methods(config):  # one line per method apart from H
+                found = table.get((task, budget, w, *method))
+                if method[1] is not None and found is not None:
+                    label = method_name(*method).replace(f" H={method[1]}", "")
+                    series.setdefault(label, []).append((method[1], found))
+            for label, points in series.items():
+                ax.errorbar([h for h, _ in points], [s["acc"] for _, s in points],
+                            yerr=[s["acc_std"] for _, s in points], marker="o", capsize=3, label=label)  # fmt: skip
+            ddp = table.get((task, budget, w, "ddp", None, None, 1))
+            if ddp:
+                ax.axhline(ddp["acc"], color="black", linestyle="--", label="ddp")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(list(config.sync_every), [str(h) for h in config.sync_every])
+            ax.set_title(f"W={w}, {steps} steps", fontsize=9)
+            if row == len(budgets) - 1:
+                ax.set_xlabel("sync_every (H)")
+            if col == 0:
+                ax.set_ylabel("val accuracy")
+    for ax in axes[:, 0]:  # the first panel of each row sets the row's shared axis
+        accuracy_axis(ax, always=True)
+    fig.suptitle(f"{task}: accuracy at equal steps")
+    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    # Below every panel, never over a curve: the figure grows to hold it (bbox_inches="tight").
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(handles) or 1),
+               fontsize=7, frameon=False)  # fmt: skip
+    return fig
 
 
 def write_report(config: StudyConfig, results: Sequence[dict[str, Any]], out: Path) -> None:
