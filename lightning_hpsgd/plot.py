@@ -240,6 +240,9 @@ def accuracy_axis(ax, always: bool = False) -> None:
     if always or (values and all(0.0 <= y <= 1.0 for y in values)):
         low, high = ax.get_ylim()
         ax.set_ylim(low, min(high, 1.0))
+        for line in ax.get_lines():  # a point or line at exactly 1.0 is drawn whole on the top edge, not halved
+            if all(y <= 1.0 for y in line.get_ydata()):
+                line.set_clip_on(False)
 
 
 def legend_outside(fig, ax, ncol: int = 2, fontsize: float = 8) -> bool:
