@@ -233,10 +233,31 @@ def build_trainer(args: dict[str, Any], outdir: Path, callbacks: list[Callback])
 def train_data(args: dict[str, Any], rank: int, world_size: int):
     n, bs = args.get("num_batches", 6), args.get("batch_size", 8)
     stateful = args.get("stateful_loader", False)
+    if args.get("shuffle"):
+        return shuffled_loader(make_batches(n * world_size, bs, seed=7), args["shuffle"], rank, world_size)
     if args.get("per_rank_data"):
         seed = 100 if args.get("same_data") else 100 + rank
         return loader(make_batches(n, bs, seed), stateful)
     return loader(make_batches(n * world_size, bs, seed=7), stateful)
+
+
+def shuffled_loader(batches: list[Any], how: str, rank: int, world_size: int) -> Any:
+    """A ``StatefulDataLoader`` over the samples of ``batches`` that shuffles them, each epoch anew.
+
+    ``how``: ``"loader"``, ``StatefulDataLoader(shuffle=True)``, whose sampler Lightning wraps in a
+    ``DistributedSamplerWrapper``; ``"sampler"``, torchdata's ``StatefulDistributedSampler`` (the Multi-node page's way,
+    which Lightning leaves in place).
+    """
+    from torchdata.stateful_dataloader import StatefulDataLoader
+    from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+
+    dataset = torch.utils.data.TensorDataset(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+    batch_size = batches[0][0].shape[0]
+    if how == "loader":
+        torch.manual_seed(0)  # the seed of the loader's own generator: the same on every rank
+        return StatefulDataLoader(dataset, batch_size=batch_size, shuffle=True)
+    sampler = StatefulDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=0)
+    return StatefulDataLoader(dataset, batch_size=batch_size, sampler=sampler)
 
 
 def perturb_by_rank(module: torch.nn.Module, rank: int) -> None:
@@ -304,6 +325,9 @@ def scenario_fit(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
     if broadcasts is not None:
         out["broadcasts_during_training"] = broadcasts.count
     out["warnings"] = [str(w.message) for w in caught]
+    if args.get("shuffle"):  # the sampler the loader used in fit, after Lightning replaced it or left it in place
+        sampler = trainer.train_dataloader.batch_sampler.sampler
+        out["train_sampler"] = (type(sampler).__name__, sampler.shuffle)
     out["rank"] = trainer.global_rank
     out["world_size"] = trainer.world_size
     out["precision"] = trainer.precision

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.utils.data import TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from lightning_hpsgd import HPSGDStrategy
 
@@ -24,9 +25,24 @@ STOPPED = 3  # exit code after a SIGTERM: a checkpoint was written; run again
 
 
 class Regressor(L.LightningModule):
-    def __init__(self) -> None:
+    def __init__(self, dataset: TensorDataset) -> None:
         super().__init__()
+        self.dataset = dataset
         self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+
+    def train_dataloader(self):
+        # Shuffled, and exact after a resume in mid-epoch: the checkpoint
+        # holds the loader's position and this sampler's; its order follows
+        # from the seed and the epoch. Not StatefulDataLoader(shuffle=True):
+        # see the page. Made here, where each rank knows its rank.
+        sampler = StatefulDistributedSampler(
+            self.dataset,
+            num_replicas=self.trainer.world_size,
+            rank=self.trainer.global_rank,
+            shuffle=True,
+            seed=0,  # the same on every rank
+        )
+        return StatefulDataLoader(self.dataset, batch_size=16, sampler=sampler)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -66,10 +82,6 @@ if __name__ == "__main__":
     torch.manual_seed(0)  # the same data on every rank, in every run
     x = torch.randn(384, 8)
     dataset = TensorDataset(x, x.sum(dim=1, keepdim=True))
-    # StatefulDataLoader: Lightning saves its position in the checkpoint, so a
-    # resume in mid-epoch goes on with the next batch. No shuffle=True: its
-    # mid-epoch resume was not exact (see the page); shuffle the data once.
-    data = StatefulDataLoader(dataset, batch_size=16)
     # No SLURM auto-requeue: it saves from a signal handler (see the FAQ).
     plugins = []
     if SLURMEnvironment.detect():
@@ -93,10 +105,10 @@ if __name__ == "__main__":
             OnStopCheckpoint(dirpath=args.ckpt_dir),
         ],
     )
-    model = Regressor()
+    model = Regressor(dataset)
     try:
         # "last": the newest of last.ckpt and on_exception.ckpt; none at first.
-        trainer.fit(model, data, ckpt_path="last")
+        trainer.fit(model, ckpt_path="last")
     except SIGTERMException:
         sys.exit(STOPPED)
     digest = parameters_digest(model)
