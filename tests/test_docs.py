@@ -56,6 +56,19 @@ def test_configured_strategy_snippet_sets_the_options():
     assert trainer.num_devices == 2
 
 
+def test_comm_hooks_snippet_builds_ddp_with_powersgd_and_bf16():
+    """The comparison page's snippet: DDP with PowerSGD at rank 1 after 10 % of the steps, or with bf16 gradients."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    names = runpy.run_path(str(SNIPPETS / "comm_hooks.py"))
+    trainer, powersgd, bf16 = names["trainer"], names["powersgd"], names["bf16"]
+    assert trainer.strategy is powersgd and trainer.max_steps == 10_000
+    assert powersgd._ddp_comm_hook is powerSGD_hook.powerSGD_hook
+    state = powersgd._ddp_comm_state
+    assert state.matrix_approximation_rank == 1 and state.start_powerSGD_iter == 1000 and state.use_error_feedback
+    assert bf16._ddp_comm_hook is default_hooks.bf16_compress_hook
+
+
 @pytest.mark.timeout(QUICKSTART_CLI_TIMEOUT_S + 60)
 def test_quickstart_commands_train_then_test_a_recipe(tmp_path):
     shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
