@@ -1,5 +1,6 @@
-"""DDP with a communication hook: PowerSGD (rank 1, plain all-reduce for the first
-10 % of the steps), or bf16 compression. Lightning registers hooks on CUDA only."""
+"""DDP with a communication hook: PowerSGD (rank 1, plain all-reduce
+for the first 10 % of the steps), or bf16 compression.
+Lightning registers the hooks on CUDA devices only."""
 
 import lightning as L
 from lightning.pytorch.strategies import DDPStrategy
