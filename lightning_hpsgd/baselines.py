@@ -1,9 +1,10 @@
 """Baselines that HPSGD is compared with, made faithful on every device.
 
-Lightning's ``DDPStrategy`` registers DDP communication hooks only on CUDA. With PyTorch's post-local SGD
-(``PostLocalSGDState`` + ``model_averaging_period``) on CPU, it therefore keeps DDP's per-step gradient all-reduce
-and adds the periodic model averaging on top: neither DDP nor local SGD. [`PostLocalSGDStrategy`][] registers the
-hook on CPU as well.
+Lightning's ``DDPStrategy`` registers DDP communication hooks only on CUDA. On CPU it silently trains plain DDP
+with a compression hook (bf16, PowerSGD), and with PyTorch's post-local SGD (``PostLocalSGDState`` +
+``model_averaging_period``) it keeps DDP's per-step gradient all-reduce and adds the periodic model averaging on
+top: neither DDP nor local SGD. [`CommHookDDPStrategy`][] and [`PostLocalSGDStrategy`][] register the hook on CPU
+as well.
 """
 
 from __future__ import annotations
@@ -19,6 +20,26 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 log = logging.getLogger(__name__)
+
+
+class CommHookDDPStrategy(DDPStrategy):
+    """Lightning's ``DDPStrategy`` with its DDP communication hook registered on every device, CPU included.
+
+    The arguments are ``DDPStrategy``'s: ``ddp_comm_hook`` (for example ``default_hooks.bf16_compress_hook`` or
+    ``powerSGD_hook.powerSGD_hook``), ``ddp_comm_state`` (``PowerSGDState`` for PowerSGD) and ``ddp_comm_wrapper``.
+    On CUDA it does what ``DDPStrategy`` does; on CPU (gloo) the hook runs too, where ``DDPStrategy`` skips it.
+    """
+
+    @override
+    def _register_ddp_hooks(self) -> None:
+        assert isinstance(self.model, DistributedDataParallel)
+        log.debug(f"{self.__class__.__name__}: registering {self._ddp_comm_hook} on {self.root_device.type}")
+        _register_ddp_comm_hook(
+            model=self.model,
+            ddp_comm_state=self._ddp_comm_state,
+            ddp_comm_hook=self._ddp_comm_hook,
+            ddp_comm_wrapper=self._ddp_comm_wrapper,
+        )
 
 
 class PostLocalSGDStrategy(DDPStrategy):

@@ -80,6 +80,7 @@ QUICK_RUN_TIMEOUT_S = 2100
 GPU_MODE_TIMEOUT_S = 300
 CONVERGENCE_TIMEOUT_S = 500
 RERUN_TIMEOUT_S = 240
+COMM_HOOK_TIMEOUT_S = 600
 
 
 def run_to_the_end(cmd: list[str], timeout: float) -> tuple[subprocess.Popen, str]:
@@ -235,6 +236,30 @@ def test_convergence_quick_run_trains_every_method_to_one_model_per_run(tmp_path
     again = run_command(cmd, env=base_env(), timeout=RERUN_TIMEOUT_S)
     assert again.returncode == 0 and "runs on" not in again.stdout
     assert len((out / "results.jsonl").read_text().splitlines()) == 16
+
+
+# About 10 times what the two runs (2 fresh workers each) take on an idle 2-core machine running the suite two tests
+# at a time, data generation included.
+@pytest.mark.timeout(COMM_HOOK_TIMEOUT_S)
+def test_ddp_with_a_comm_hook_runs_the_hook_over_gloo(tmp_path):
+    """`ddp_bf16` and `ddp_powersgd`: two benchmark workers train 12 steps over a real gloo group on loopback, and
+    DDP's own record names the hook it ran (Lightning's DDPStrategy skips hooks on CPU). PowerSGD's warm-up is 10 %
+    of the steps (2, its minimum), so it compressed the 10 steps after it."""
+    from lightning_hpsgd.bench.compare import BenchConfig, Runner, prepare_data
+
+    config = BenchConfig(channels=4, data_dir=str(tmp_path / "mnist1d"))
+    prepare_data(config)
+    runner = Runner(config, None, tmp_path)
+    for name, hook in (("ddp_bf16", "bf16_compress_hook"), ("ddp_powersgd", "powerSGD_hook")):
+        ranks = runner.run({"strategy": name, "max_steps": 12, "val_every": 6, "seed": 0})
+        assert [r["rank"] for r in ranks] == [0, 1], name
+        assert all(r["steps"] == 12 and r["comm_hook"] == hook for r in ranks), (name, ranks[0]["comm_hook"])
+        assert all(0 <= r["val_acc"] <= 1 and len(r["curve"]) == 2 for r in ranks), name
+        rates = [r["compression_rate"] for r in ranks]
+        if name == "ddp_bf16":
+            assert rates == [None, None]
+        else:  # rank 1 sends (rows + columns) of each weight matrix instead of rows x columns
+            assert all(rate > 2 for rate in rates), rates
 
 
 def test_a_link_slower_than_asked_at_full_speed_is_reported_not_throttled():

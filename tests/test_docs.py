@@ -54,6 +54,19 @@ def test_configured_strategy_snippet_sets_the_options():
 # The Quick start's command-line snippet (train, test, baseline, plot) runs in tests/test_flow.py.
 
 
+def test_comm_hooks_snippet_builds_ddp_with_powersgd_and_bf16():
+    """The comparison page's snippet: DDP with PowerSGD at rank 1 after 10 % of the steps, or with bf16 gradients."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    names = runpy.run_path(str(SNIPPETS / "comm_hooks.py"))
+    trainer, powersgd, bf16 = names["trainer"], names["powersgd"], names["bf16"]
+    assert trainer.strategy is powersgd and trainer.max_steps == 10_000
+    assert powersgd._ddp_comm_hook is powerSGD_hook.powerSGD_hook
+    state = powersgd._ddp_comm_state
+    assert state.matrix_approximation_rank == 1 and state.start_powerSGD_iter == 1000 and state.use_error_feedback
+    assert bf16._ddp_comm_hook is default_hooks.bf16_compress_hook
+
+
 def test_make_demo_runs_the_demo_module():
     done = subprocess.run(["make", "-n", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert "-m lightning_hpsgd.recipes.demo --config recipes/mnist1d.yaml" in done.stdout

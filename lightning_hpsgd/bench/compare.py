@@ -345,6 +345,9 @@ def summarize(config: BenchConfig, link: Link, equal_steps: dict, equal_time: di
                 max(r["peak_rss_mb"] - r["rss_before_fit_mb"] for r in ranks) for ranks in runs
             ),
             "extra_state_bytes": runs[0][0].get("hpsgd_state_bytes"),
+            # the DDP communication hook DDP ran, and PowerSGD's compression rate after its warm-up
+            "comm_hook": runs[0][0].get("comm_hook"),
+            "compression_rate": runs[0][0].get("compression_rate"),
             # H at the end of each equal-steps run (what sync_every="auto" settled at)
             "final_sync_every": [ranks[0].get("sync_every") for ranks in runs],
             "final_sync_delay": [ranks[0].get("sync_delay") for ranks in runs],
@@ -362,7 +365,10 @@ def summarize(config: BenchConfig, link: Link, equal_steps: dict, equal_time: di
                      ("hpsgd_node_h4", "compute-only"), ("hpsgd_h16_delay", "compute-only"),
                      ("hpsgd_h16_f4", "compute-only"), ("hpsgd_h16_f4", "ddp"), ("hpsgd_h16_f4", "hpsgd_h4"),
                      ("hpsgd_h16_f8", "compute-only"), ("hpsgd_h16_f8", "ddp"),
-                     ("hpsgd_h16_f8", "hpsgd_h4")):  # fmt: skip
+                     ("hpsgd_h16_f8", "hpsgd_h4"), ("ddp_bf16", "ddp"), ("ddp_powersgd", "ddp"),
+                     ("ddp_bf16", "compute-only"), ("ddp_powersgd", "compute-only"), ("hpsgd_h4", "ddp"),
+                     ("hpsgd_h4", "ddp_bf16"), ("hpsgd_h4", "ddp_powersgd"), ("hpsgd_h16_f8", "ddp_bf16"),
+                     ("hpsgd_h16_f8", "ddp_powersgd")):  # fmt: skip
         if num in strategies and den in strategies:
             ratios[f"{num}/{den}"] = strategies[num]["step_time_s"]["median"] / strategies[den]["step_time_s"]["median"]
     param_bytes = link.param_bytes
@@ -462,6 +468,11 @@ def markdown(report: dict[str, Any]) -> str:
         delays = report["strategies"].get(name, {}).get("final_sync_delay", [])
         if any(d is not None for d in delays):
             lines += [f"{name} ended its equal-steps runs at sync_delay = {delays} (one value per repeat).", ""]
+    for name, s in report["strategies"].items():
+        if s.get("comm_hook"):
+            rate = s.get("compression_rate")
+            sent = f"; it sent 1/{rate:.0f} of the gradient's elements after its warm-up" if rate else ""
+            lines += [f"{name}: DDP ran the communication hook `{s['comm_hook']}`{sent}.", ""]
     lines += ["| ratio (median step times) | value | target |", "| --- | --- | --- |"]
     for key, value in report["ratios"].items():
         bound = TARGETS.get(key)

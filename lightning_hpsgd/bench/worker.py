@@ -26,11 +26,21 @@ DEFAULT_STRATEGIES = ("ddp", "localsgd", "hpsgd", "hpsgd_h4", "hpsgd_auto", "hps
 # The settings for slow links: H = 16 with the outer optimizer and the merge delay chosen from the measured times,
 # the whole model in one round (hpsgd_h16_delay), or in 4 or 8 fragments (hpsgd_h16_f4, hpsgd_h16_f8).
 SLOW_LINK = {"sync_every": 16, "sync_delay": "auto", "outer_lr": 0.8, "outer_momentum": 0.6}
-STRATEGIES = (*DEFAULT_STRATEGIES, "hpsgd_node", "hpsgd_node_h4", "hpsgd_h16_delay", "hpsgd_h16_f4", "hpsgd_h16_f8")
+# DDP with a communication hook, Lightning's usual answer to a slow link: gradients in bf16, or PowerSGD.
+COMM_HOOKS = ("ddp_bf16", "ddp_powersgd")
+STRATEGIES = (*DEFAULT_STRATEGIES, "hpsgd_node", "hpsgd_node_h4", "hpsgd_h16_delay", "hpsgd_h16_f4", "hpsgd_h16_f8",
+              *COMM_HOOKS)  # fmt: skip
+# PowerSGD as PyTorch's PowerSGDState docs advise to start: rank 1, and plain all-reduce for the first 10 % of the
+# steps (compressing from the first step can take training down a worse path for good).
+POWERSGD_RANK = 1
+POWERSGD_WARMUP_FRACTION = 0.1
 
 
-def make_strategy(name: str, timeout_s: float, monitor: bool = False) -> Any:
-    """The Lightning strategy a benchmark name stands for (``compute-only`` has none: it trains alone)."""
+def make_strategy(name: str, timeout_s: float, monitor: bool = False, max_steps: int = 600) -> Any:
+    """The Lightning strategy a benchmark name stands for (``compute-only`` has none: it trains alone).
+
+    ``max_steps`` sets PowerSGD's warm-up (``start_powerSGD_iter``, 10 % of it, at least 2).
+    """
     from lightning.pytorch.strategies import DDPStrategy
 
     from lightning_hpsgd import HPSGDStrategy
@@ -48,9 +58,42 @@ def make_strategy(name: str, timeout_s: float, monitor: bool = False) -> Any:
              "hpsgd_h16_f4": {**SLOW_LINK, "fragments": 4}, "hpsgd_h16_f8": {**SLOW_LINK, "fragments": 8}}  # fmt: skip
     if name in hpsgd:
         return HPSGDStrategy(process_group_backend="gloo", timeout=timeout, monitor=monitor, **hpsgd[name])
+    if name in COMM_HOOKS:
+        return make_comm_hook_strategy(name, timeout, max_steps)
     if name == "compute-only":
         return "auto"
     raise ValueError(f"Unknown benchmark strategy {name!r}; choose from {list(STRATEGIES)}.")
+
+
+def make_comm_hook_strategy(name: str, timeout: timedelta, max_steps: int) -> Any:
+    """``ddp_bf16`` or ``ddp_powersgd``: Lightning's DDP with the hook registered on CPU too (Lightning skips it
+    there)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    from lightning_hpsgd.baselines import CommHookDDPStrategy
+
+    if name == "ddp_bf16":
+        hook: dict[str, Any] = {"ddp_comm_hook": default_hooks.bf16_compress_hook}
+    else:
+        warmup = max(2, round(POWERSGD_WARMUP_FRACTION * max_steps))  # PyTorch's minimum with error feedback: 2
+        state = powerSGD_hook.PowerSGDState(
+            process_group=None, matrix_approximation_rank=POWERSGD_RANK, start_powerSGD_iter=warmup
+        )
+        hook = {"ddp_comm_state": state, "ddp_comm_hook": powerSGD_hook.powerSGD_hook}
+    return CommHookDDPStrategy(process_group_backend="gloo", timeout=timeout, **hook)
+
+
+def record_comm_hook(clock: Any, strategy: Any) -> None:
+    """The DDP communication hook that really ran (from DDP's own record: Lightning's ``DDPStrategy`` skips hooks on
+    CPU), and PowerSGD's compression rate (gradient elements over the elements it sent, since its warm-up)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = getattr(strategy, "model", None)
+    if isinstance(model, DistributedDataParallel):
+        clock.comm_hook = model._get_ddp_logging_data().get("comm_hook")
+    state = getattr(strategy, "_ddp_comm_state", None)
+    if hasattr(state, "compression_stats"):
+        clock.compression_rate = float(state.compression_stats()[0])
 
 
 def rss_mb() -> float:
@@ -93,8 +136,11 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
             self.train_seconds = 0.0
             self.curve: list[tuple[float, int, float]] = []
             self.state_bytes: int | None = None
+            self.comm_hook: str | None = None
+            self.compression_rate: float | None = None
 
         def on_train_end(self, trainer, pl_module) -> None:
+            record_comm_hook(self, trainer.strategy)
             # The flat buffers HPSGD keeps beside the model (G, S, the wire), before teardown drops the engine.
             engine = getattr(trainer.strategy, "engine", None)
             if engine is not None:
@@ -136,7 +182,9 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
         accelerator="cpu",
         devices=spec["workers"] // spec.get("nodes", spec["workers"]) if distributed else 1,
         num_nodes=spec.get("nodes", spec["workers"]) if distributed else 1,
-        strategy=make_strategy(spec["strategy"], spec.get("timeout_s", 120), monitor=spec.get("monitor", False)),
+        strategy=make_strategy(
+            spec["strategy"], spec.get("timeout_s", 120), spec.get("monitor", False), spec["max_steps"]
+        ),
         max_steps=spec["max_steps"],
         max_time={"seconds": spec["max_time_s"]} if spec.get("max_time_s") else None,
         val_check_interval=val_every if val_every else None,
@@ -174,6 +222,8 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mb": peak,
         "param_bytes": param_bytes,
         "hpsgd_state_bytes": clock.state_bytes,
+        "comm_hook": clock.comm_hook,
+        "compression_rate": clock.compression_rate,
     }
 
 
