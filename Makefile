@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed lint docs
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --durations=10 tests
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --maxschedchunk 2 --durations=10 tests
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check lightning_hpsgd tests recipes docs

@@ -52,10 +52,8 @@ def run(cmd: list[str], cwd: Path) -> tuple[int, str, str]:
     return done.returncode, done.stdout, done.stderr
 
 
-@pytest.fixture(scope="module")
-def flow(tmp_path_factory) -> dict:
-    """The Quick start's commands, in order, in a fresh folder holding a copy of the recipes."""
-    home = tmp_path_factory.mktemp("flow")
+def run_the_flow(home: Path) -> dict:
+    """The Quick start's commands, in order, in ``home``, a fresh folder given a copy of the recipes."""
     shutil.copytree(ROOT / "recipes", home / "recipes")
     commands = snippet_commands(SNIPPET)
     assert [c[:2] for c in commands] == [["hpsgd", "fit"], ["hpsgd", "test"], ["hpsgd", "fit"], ["hpsgd", "plot"]]
@@ -67,8 +65,7 @@ def flow(tmp_path_factory) -> dict:
     return {"home": home, "commands": commands, "outputs": outputs}
 
 
-@pytest.mark.timeout(4 * COMMAND_TIMEOUT_S + 60)
-def test_hpsgd_test_uses_the_checkpoint_the_fit_just_wrote(flow):
+def check_hpsgd_test_uses_the_checkpoint_the_fit_just_wrote(flow: dict) -> None:
     home, commands, outputs = flow["home"], flow["commands"], flow["outputs"]
     ckpt_path = home / commands[1][commands[1].index("--ckpt_path") + 1]
     assert ckpt_path == home / "checkpoints" / "mnist1d_hpsgd" / "last.ckpt"
@@ -81,8 +78,7 @@ def test_hpsgd_test_uses_the_checkpoint_the_fit_just_wrote(flow):
     assert re.search(r"test/acc\s+│?\s*0\.\d+", test_out + test_err)
 
 
-@pytest.mark.timeout(4 * COMMAND_TIMEOUT_S + 60)
-def test_plot_charts_the_fits_not_the_test_run(flow):
+def check_plot_charts_the_fits_not_the_test_run(flow: dict) -> None:
     home, outputs = flow["home"], flow["outputs"]
     # `hpsgd test` wrote a newer version (test metrics only) beside the fit's.
     versions = sorted(p.name for p in (home / "lightning_logs" / "mnist1d_hpsgd").glob("version_*"))
@@ -118,8 +114,7 @@ def test_plot_charts_the_fits_not_the_test_run(flow):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
-@pytest.mark.timeout(4 * COMMAND_TIMEOUT_S + 60)
-def test_plot_warns_in_one_line_for_a_run_without_training_metrics(flow):
+def check_plot_warns_in_one_line_for_a_run_without_training_metrics(flow: dict) -> None:
     home = flow["home"]
     test_only = home / "lightning_logs" / "mnist1d_hpsgd" / "version_1"
     code, out, err = run([str(HPSGD), "plot", str(test_only), "--out", str(home / "plots_test_only")], home)
@@ -131,6 +126,17 @@ def test_plot_warns_in_one_line_for_a_run_without_training_metrics(flow):
     ]
     data = json.loads((home / "plots_test_only" / "plot_data.json").read_text())
     assert data["runs"][0]["training_metrics"] is False
+
+
+# One test, so that the flow runs once: a module fixture would run again on every pytest-xdist worker.
+@pytest.mark.timeout(4 * COMMAND_TIMEOUT_S + 60)
+def test_the_quick_start_flow(tmp_path):
+    """fit, test, fit the baseline, plot: the test restores the checkpoint the fit just wrote, the plot charts the
+    fits (not the version the test added) and warns about a run without training metrics."""
+    flow = run_the_flow(tmp_path)
+    check_hpsgd_test_uses_the_checkpoint_the_fit_just_wrote(flow)
+    check_plot_charts_the_fits_not_the_test_run(flow)
+    check_plot_warns_in_one_line_for_a_run_without_training_metrics(flow)
 
 
 def test_the_readme_quick_start_runs_the_same_commands():

@@ -8,6 +8,7 @@ inserted), so that ``make demo`` never replaces the ``last.ckpt`` of a run the u
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -19,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_hpsgd.cli import HPSGDCLI, expand_strategy_names
+from lightning_hpsgd.extras import require
 from lightning_hpsgd.strategy import HPSGDStrategy
 
 # What the libraries print before the result table that is not about this run: advice that does not apply to a
@@ -51,10 +53,9 @@ def quiet_the_libraries() -> None:
         warnings.filterwarnings("ignore", message=message)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropMessages(QUIET_INFO))
     os.environ.setdefault("WANDB_SILENT", "true")
-    try:
-        import wandb
-    except ImportError:
+    if importlib.util.find_spec("wandb") is None:  # the recipes' W&B logger is then refused by Lightning itself
         return
+    wandb = require("wandb", "make demo")
     # Lightning's WandbLogger passes anonymous=None, and W&B warns about that setting while it reads the run's
     # settings, before WANDB_SILENT takes effect: apply it to W&B's console now.
     wandb.termsetup(wandb.Settings(silent=os.environ["WANDB_SILENT"].lower() in ("1", "true")), None)
