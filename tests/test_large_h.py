@@ -71,7 +71,10 @@ def test_auto_ranks_agree_on_every_round_boundary_from_the_figures_every_rank_se
     assert hs[1:] == expected, (hs, sent)
     assert hs[0] == 1 and max(hs) <= 6, hs
     assert_conserved(results, atol=1e-6)
-    assert results[0].result["state"]["sync_every"]["current"] == hs[-1]
+    # The final flush merges the last round too, and may move H once more: the state holds the H the ranks ended
+    # with, the same on every rank.
+    assert len({r.result["sync_every_at_end"] for r in results}) == 1
+    assert results[0].result["state"]["sync_every"]["current"] == results[0].result["sync_every_at_end"]
 
 
 def test_auto_on_loopback_keeps_sync_every_at_one_and_logs_it(tmp_path):

@@ -447,6 +447,7 @@ def scenario_engine(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
         sync_every=sync_every,
         proposals=proposals,
         sync_delays=sync_delays,
+        sync_every_at_end=engine.sync_every,
         state=engine.state_dict(),
         stats=engine.stats.to_dict(),
         stop_requested=int(engine.stop_requested),
