@@ -78,7 +78,8 @@ def test_auto_ranks_agree_on_every_round_boundary_from_the_figures_every_rank_se
 
 
 def test_auto_on_loopback_keeps_sync_every_at_one_and_logs_it(tmp_path):
-    """Compute (100 ms a step: a 10x margin when other tests load the cores) hides the tiny model's all-reduce on loopback: H stays 1, and the monitor logs it.
+    """Compute (100 ms a step: a margin for a loaded machine) hides the tiny model's all-reduce on loopback: H
+    stays 1, and the monitor logs it.
     Ranks decide from the smallest comm time any rank measured, and H grows only while the slowest rank waits, so
     a rank slowed by other work on the machine (its peer then waits for it) no longer makes "auto" choose 2 or 3."""
     args = {"csv_logger": True, "log_every_n_steps": 3, "max_epochs": 3, "strategy_args": {"sync_every": "auto"},
