@@ -29,7 +29,13 @@ from typing import Any
 
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import _StrategyRegistry
+from lightning.fabric.strategies.launchers.multiprocessing import (
+    _MultiProcessingLauncher as _FabricMultiProcessingLauncher,
+)
+from lightning.fabric.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.fabric.strategies.strategy import _BackwardSyncControl
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
@@ -41,6 +47,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "BackwardSyncControl",
+    "FlushingMultiProcessingLauncher",
+    "FlushingScriptLauncher",
+    "PathLike",
     "StatsCarryingLauncher",
     "StopPatches",
     "default_pg_timeout",
@@ -56,6 +66,8 @@ __all__ = [
 ]
 
 StrategyRegistry = _StrategyRegistry
+BackwardSyncControl = _BackwardSyncControl  # Fabric's base for ``no_backward_sync``
+PathLike = _PATH
 optimizers_to_device = _optimizers_to_device
 sync_module_states = _sync_module_states
 
@@ -187,3 +199,35 @@ class StatsCarryingLauncher(_MultiProcessingLauncher):
         receive = getattr(trainer.strategy, "receive_stats", None)
         if receive is not None and extra.get("hpsgd_stats") is not None:
             receive(extra["hpsgd_stats"])
+
+
+class _ThenFlush:
+    """The function ``fabric.launch(function)`` runs, followed by a flush of the Fabric strategy that set it up: the
+    end of the launched function is Fabric's teardown point, and what it returns (the model, for a spawn or fork
+    launch) is the global model. An exception skips the flush, as a collective after an error could wait forever."""
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        self.function = function
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        output = self.function(*args, **kwargs)
+        fabric = args[0] if args else None  # Fabric passes itself first to the function it launches
+        flush = getattr(getattr(fabric, "strategy", None), "flush", None)
+        if flush is not None:
+            flush("end of fabric.launch")
+        return output
+
+
+class FlushingScriptLauncher(_SubprocessScriptLauncher):
+    """Fabric's ``popen`` launcher (also the one under torchrun and SLURM), whose launched function ends in a
+    flush."""
+
+    def launch(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return super().launch(_ThenFlush(function), *args, **kwargs)
+
+
+class FlushingMultiProcessingLauncher(_FabricMultiProcessingLauncher):
+    """Fabric's spawn/fork launcher, whose launched function ends in a flush in every process."""
+
+    def launch(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return super().launch(_ThenFlush(function), *args, **kwargs)

@@ -29,7 +29,8 @@ class HPSGDMonitor(Callback):
     * ``hpsgd/comm_ms``: from the launch of a round's all-reduce to its completion by the backend;
     * ``hpsgd/wait_ms``: how long training blocked at the sync point (max over ranks);
     * ``hpsgd/hidden``: the fraction of communication hidden behind compute, ``1 - wait / comm``, each rank's own
-      wait over its own communication time, on the rank that hid the least (min over ranks);
+      wait over its own communication time, on the rank that hid the least (min over ranks), and 0 where a rank
+      waited longer than its all-reduce took;
     * ``hpsgd/staleness``: optimizer steps between a round's launch and its merge;
     * ``hpsgd/drift``: ``‖R − G‖ / ‖G‖`` just before the merge, at the latest sync point (max over ranks; measured on
       one round per interval, two extra passes over the model);
@@ -201,7 +202,9 @@ class HPSGDMonitor(Callback):
         if new_timed:  # no round was timed yet in this interval: nothing to say about comm and wait
             metrics["hpsgd/comm_ms"] = comm_ms
             metrics["hpsgd/wait_ms"] = wait_ms
-            metrics["hpsgd/hidden"] = 1.0 - waited_share
+            # A wait longer than the all-reduce (the thread that waits was not scheduled at once, on a loaded
+            # machine) hid nothing: 0, not a negative share.
+            metrics["hpsgd/hidden"] = max(0.0, 1.0 - waited_share)
         if new_rounds:
             metrics["hpsgd/staleness"] = (stats.staleness_steps - stale0) / new_rounds
         if self.drift and stats.last_drift is not None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -14,6 +15,7 @@ __all__ = [
     "MERGE_MODES",
     "MergeMode",
     "START_METHODS",
+    "RuleOptions",
     "SyncDelay",
     "SyncEvery",
     "resolve_comm_dtype",
@@ -159,3 +161,72 @@ def validate_launch(start_method: str, timeout: timedelta | float | None) -> tim
             f" received {timeout!r}."
         )
     return timedelta(seconds=seconds) if isinstance(timeout, (int, float)) else timeout
+
+
+class RuleOptions:
+    """The rule's options that the Trainer's and Fabric's strategies both take, checked once, as attributes.
+
+    Each strategy calls [`set_rule_options`][lightning_hpsgd.options.RuleOptions.set_rule_options] in its
+    ``__init__`` and builds its engine with [`engine_options`][lightning_hpsgd.options.RuleOptions.engine_options].
+    """
+
+    sync_every: SyncEvery
+    max_sync_every: int
+    merge: MergeMode
+    sync_delay: SyncDelay
+    fragments: int
+    comm_dtype: torch.dtype | None
+    outer_lr: float
+    outer_momentum: float
+    outer_nesterov: bool
+    hierarchy: Literal["node"] | None
+
+    def set_rule_options(
+        self,
+        *,
+        sync_every: SyncEvery,
+        merge: MergeMode,
+        comm_dtype: str | torch.dtype | None,
+        outer_lr: float,
+        outer_momentum: float,
+        outer_nesterov: bool,
+        max_sync_every: int | None,
+        sync_delay: SyncDelay,
+        fragments: int,
+        hierarchy: Literal["node"] | None,
+        warn: Callable[[str], Any],
+    ) -> None:
+        """Check the options (a ``ValueError`` naming the accepted values) and keep them; ``warn`` speaks once."""
+        if max_sync_every is not None and sync_every != "auto":
+            warn(f"HPSGD: max_sync_every={max_sync_every} has no effect with sync_every={sync_every!r}.")
+        max_sync_every = DEFAULT_MAX_SYNC_EVERY if max_sync_every is None else max_sync_every
+        validate_options(sync_every, merge, max_sync_every=max_sync_every, outer_lr=outer_lr,
+                         outer_momentum=outer_momentum, outer_nesterov=outer_nesterov, hierarchy=hierarchy,
+                         sync_delay=sync_delay, fragments=fragments)  # fmt: skip
+        self.sync_every, self.max_sync_every, self.merge = sync_every, max_sync_every, merge
+        self.sync_delay, self.fragments, self.hierarchy = sync_delay, fragments, hierarchy
+        self.comm_dtype = resolve_comm_dtype(comm_dtype)
+        self.outer_lr, self.outer_momentum, self.outer_nesterov = float(outer_lr), float(outer_momentum), outer_nesterov
+
+    def engine_options(self) -> dict[str, Any]:
+        """The keyword arguments of [`HPSGDEngine`][lightning_hpsgd.engine.HPSGDEngine] these options set."""
+        return {
+            "sync_every": self.sync_every,
+            "max_sync_every": self.max_sync_every,
+            "merge": self.merge,
+            "comm_dtype": self.comm_dtype,
+            "outer_lr": self.outer_lr,
+            "outer_momentum": self.outer_momentum,
+            "outer_nesterov": self.outer_nesterov,
+            "sync_delay": self.sync_delay,
+            "fragments": self.fragments,
+        }
+
+    def rule_hyperparameters(self) -> dict[str, Any]:
+        """The options as a run config for loggers (``comm_dtype`` as text)."""
+        return {
+            "name": "hpsgd" if self.merge == "replica" else "hpsgd_stale",
+            **self.engine_options(),
+            "comm_dtype": None if self.comm_dtype is None else str(self.comm_dtype).removeprefix("torch."),
+            "hierarchy": self.hierarchy,
+        }

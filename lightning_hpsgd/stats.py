@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["EngineStats"]
+__all__ = ["EngineStats", "IntervalMetrics"]
 
 
 @dataclass
@@ -97,3 +98,43 @@ class EngineStats:
         self.last_comm_seconds = comm_seconds
         self.wait_seconds += wait_seconds
         self.comm_seconds += comm_seconds
+
+
+class IntervalMetrics:
+    """``hpsgd/*`` metrics of one rank between two reads of its [`EngineStats`][lightning_hpsgd.stats.EngineStats]
+    (no collective): the figures a loop logs every few iterations."""
+
+    def __init__(self) -> None:
+        self._last: tuple[int, int, float, float, int, int, float] | None = None
+
+    def read(self, stats: EngineStats | None, steps: int) -> dict[str, float]:
+        """The metrics since the previous read (since the first one: the totals so far).
+
+        Args:
+            stats: the engine's counters (``None`` before setup: no metrics).
+            steps: iterations ended so far, for ``hpsgd/step_ms``.
+        """
+        now = time.perf_counter()
+        if stats is None:
+            return {}
+        last = self._last or (0, 0, 0.0, 0.0, 0, steps, now)
+        rounds0, timed0, wait0, comm0, stale0, steps0, time0 = last
+        self._last = (stats.overlapped_rounds, stats.timed_rounds, stats.wait_seconds, stats.comm_seconds,
+                      stats.staleness_steps, steps, now)  # fmt: skip
+        metrics = {
+            "hpsgd/rounds": float(stats.rounds),
+            "hpsgd/flushes": float(stats.flushes),
+            "hpsgd/sync_every": float(stats.sync_every),
+            "hpsgd/sync_delay": float(stats.sync_delay),
+            "hpsgd/bytes": float(stats.bytes_per_round),
+        }
+        if steps > steps0:
+            metrics["hpsgd/step_ms"] = 1000 * (now - time0) / (steps - steps0)
+        if timed := stats.timed_rounds - timed0:
+            comm_ms = 1000 * (stats.comm_seconds - comm0) / timed
+            metrics["hpsgd/comm_ms"] = comm_ms
+            metrics["hpsgd/wait_ms"] = wait_ms = 1000 * (stats.wait_seconds - wait0) / timed
+            metrics["hpsgd/hidden"] = max(0.0, 1.0 - wait_ms / comm_ms) if comm_ms > 0 else 1.0
+        if merged := stats.overlapped_rounds - rounds0:
+            metrics["hpsgd/staleness"] = (stats.staleness_steps - stale0) / merged
+        return metrics

@@ -48,12 +48,7 @@ from lightning_hpsgd.checkpoint import (
 from lightning_hpsgd.engine import HPSGDEngine
 from lightning_hpsgd.model_tensors import ModelWatcher, averaged_names, model_tensors, trained_names
 from lightning_hpsgd.monitor import HPSGDMonitor
-from lightning_hpsgd.options import (
-    DEFAULT_MAX_SYNC_EVERY,
-    resolve_comm_dtype,
-    validate_launch,
-    validate_options,
-)
+from lightning_hpsgd.options import RuleOptions, validate_launch
 from lightning_hpsgd.refusals import reject_sharded_optimizers, reject_unsupported_model
 from lightning_hpsgd.stats import EngineStats
 from lightning_hpsgd.stops import StopCoordinator
@@ -71,7 +66,7 @@ REGISTERED_NAMES: dict[str, dict[str, str]] = {
 }
 
 
-class HPSGDStrategy(DDPStrategy):
+class HPSGDStrategy(DDPStrategy, RuleOptions):
     """Hierarchical Parallel SGD: each rank trains its own replica while the previous round's average is in flight.
 
     A subclass of Lightning's ``DDPStrategy`` that reuses its launchers, cluster
@@ -166,12 +161,10 @@ class HPSGDStrategy(DDPStrategy):
         monitor: bool = True,
         **kwargs: Any,
     ) -> None:
-        if max_sync_every is not None and sync_every != "auto":
-            rank_zero_warn(f"HPSGD: max_sync_every={max_sync_every} has no effect with sync_every={sync_every!r}.")
-        max_sync_every = DEFAULT_MAX_SYNC_EVERY if max_sync_every is None else max_sync_every
-        validate_options(sync_every, merge, max_sync_every=max_sync_every, outer_lr=outer_lr,
-                         outer_momentum=outer_momentum, outer_nesterov=outer_nesterov, hierarchy=hierarchy,
-                         sync_delay=sync_delay, fragments=fragments)  # fmt: skip
+        self.set_rule_options(sync_every=sync_every, merge=merge, comm_dtype=comm_dtype, outer_lr=outer_lr,
+                              outer_momentum=outer_momentum, outer_nesterov=outer_nesterov,
+                              max_sync_every=max_sync_every, sync_delay=sync_delay, fragments=fragments,
+                              hierarchy=hierarchy, warn=rank_zero_warn)  # fmt: skip
         timeout = validate_launch(start_method, timeout)
         if hierarchy is None and (changed := _changed_ddp_options(kwargs)):
             rank_zero_warn(f"HPSGD: DDP options {changed} have no effect without hierarchy='node'.")
@@ -179,11 +172,7 @@ class HPSGDStrategy(DDPStrategy):
                          cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
                          precision_plugin=precision_plugin, process_group_backend=process_group_backend,
                          timeout=timeout, start_method=start_method, **kwargs)  # fmt: skip
-        self.sync_every, self.max_sync_every, self.merge = sync_every, max_sync_every, merge
-        self.sync_delay, self.fragments = sync_delay, fragments
-        self.comm_dtype = resolve_comm_dtype(comm_dtype)
-        self.outer_lr, self.outer_momentum, self.outer_nesterov = float(outer_lr), float(outer_momentum), outer_nesterov
-        self.monitor, self.hierarchy = monitor, hierarchy
+        self.monitor = monitor
         self._groups: process_groups.RunGroups | None = None
         self._engine: HPSGDEngine | None = None
         self._stops: StopCoordinator | None = None
@@ -204,17 +193,7 @@ class HPSGDStrategy(DDPStrategy):
     def hyperparameters(self) -> dict[str, Any]:
         """The options that define this run's algorithm, for loggers' run configs (``HPSGDMonitor`` logs them)."""
         return {
-            "name": "hpsgd" if self.merge == "replica" else "hpsgd_stale",
-            "sync_every": self.sync_every,
-            "max_sync_every": self.max_sync_every,
-            "sync_delay": self.sync_delay,
-            "fragments": self.fragments,
-            "merge": self.merge,
-            "comm_dtype": None if self.comm_dtype is None else str(self.comm_dtype).removeprefix("torch."),
-            "outer_lr": self.outer_lr,
-            "outer_momentum": self.outer_momentum,
-            "outer_nesterov": self.outer_nesterov,
-            "hierarchy": self.hierarchy,
+            **self.rule_hyperparameters(),
             "process_group_backend": self.process_group_backend,
             "timeout_s": self._timeout.total_seconds() if self._timeout is not None else None,
         }
@@ -404,10 +383,8 @@ class HPSGDStrategy(DDPStrategy):
         state, steps = self._saved.take()
         self._engine = HPSGDEngine(
             model_tensors(module), averaged_names(module), trained=trained_names(module),
-            group=self._groups.rounds, object_group=self._groups.objects, sync_every=self.sync_every,
-            max_sync_every=self.max_sync_every, merge=self.merge, comm_dtype=self.comm_dtype,
-            outer_lr=self.outer_lr, outer_momentum=self.outer_momentum, outer_nesterov=self.outer_nesterov,
-            timeout=self._timeout, nodes=self._groups.nodes, sync_delay=self.sync_delay, fragments=self.fragments,
+            group=self._groups.rounds, object_group=self._groups.objects, timeout=self._timeout,
+            nodes=self._groups.nodes, **self.engine_options(),
         )  # fmt: skip
         if state is not None:
             self._engine.load_state_dict(state)

@@ -26,6 +26,7 @@ LONGEST_FIRST = (
     "tests/test_cli.py::test_demo_reaches_the_mnist1d_paper_accuracy",
     "tests/test_flow.py::test_the_quick_start_flow",
     "tests/test_multinode_docs.py::test_a_worker_killed_under_torchrun",
+    "tests/test_docs.py::test_fabric_loop_on_two_nodes",
     "tests/test_bench.py::test_convergence_quick_run",
     "tests/test_multinode_docs.py::test_preempted_slurm_job_resumes_exactly",
     "tests/test_launch_modes.py::",

@@ -140,10 +140,10 @@ def _run_forked(argv: list[str], env: dict[str, str], out: str, err: str) -> Non
         worker.main()
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        if not isinstance(exit_.code, int | None):
+            print(exit_.code, file=sys.stderr)  # as the interpreter prints a non-integer exit code
     except BaseException:
-        import traceback
-
-        traceback.print_exc()
+        sys.excepthook(*sys.exc_info())  # as the interpreter reports an uncaught exception (HPSGD may shorten it)
         code = 1
     atexit._run_exitfuncs()  # what the interpreter would run at exit (process groups are destroyed there)
     sys.stdout.flush()

@@ -26,14 +26,24 @@ def as_shown(line: str, markdown: bool) -> str:
     return line
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def site(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("site")
-    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    mkdocs = Path(sys.executable).parent / "mkdocs"
-    done = subprocess.run([str(mkdocs), "build", "--strict", "--quiet", "-d", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    """The site, built once per run: the pytest-xdist workers share one build (under a lock, in the directory that
+    holds every worker's temporary directory), since each build takes half a minute of a core."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # this run's directory, above the workers' own
+    out = shared / "site"
+    with FileLock(str(shared / "site.lock")):
+        if not (out / "built").exists():
+            env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+            mkdocs = Path(sys.executable).parent / "mkdocs"
+            done = subprocess.run([str(mkdocs), "build", "--strict", "--quiet", "-d", str(out)], cwd=ROOT, env=env,
+                                  capture_output=True, text=True, timeout=300)  # fmt: skip
+            assert done.returncode == 0, done.stderr[-3000:]
+            (out / "built").touch()
     return out
 
 

@@ -26,6 +26,7 @@ from lightning.pytorch.trainer.states import RunningStage
 
 import lightning_hpsgd  # noqa: F401  (registers the strategy names)
 from lightning_hpsgd import HPSGDStrategy
+from tests.fabric_worker import scenario_fabric
 from tests.models import GAN, Regressor, loader, make_batches
 
 
@@ -480,7 +481,18 @@ def scenario_compat(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-SCENARIOS = {"fit": scenario_fit, "engine": scenario_engine, "compat": scenario_compat}
+def scenario_script(outdir: Path, args: dict[str, Any]) -> dict[str, Any]:
+    """A documentation script run as ``python script.py`` runs it, in a rank whose process this test started (its
+    ``fabric.launch()`` then starts nothing)."""
+    import runpy
+
+    runpy.run_path(args["path"], run_name="__main__")
+    devices = int(os.environ["HPSGD_TEST_DEVICES"])
+    return {"rank": int(os.environ["NODE_RANK"]) * devices + int(os.environ["LOCAL_RANK"])}
+
+
+SCENARIOS = {"fit": scenario_fit, "engine": scenario_engine, "compat": scenario_compat, "fabric": scenario_fabric,
+             "script": scenario_script}  # fmt: skip
 
 
 def main() -> None:

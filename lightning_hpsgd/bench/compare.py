@@ -368,7 +368,9 @@ def summarize(config: BenchConfig, link: Link, equal_steps: dict, equal_time: di
                      ("hpsgd_h16_f8", "hpsgd_h4"), ("ddp_bf16", "ddp"), ("ddp_powersgd", "ddp"),
                      ("ddp_bf16", "compute-only"), ("ddp_powersgd", "compute-only"), ("hpsgd_h4", "ddp"),
                      ("hpsgd_h4", "ddp_bf16"), ("hpsgd_h4", "ddp_powersgd"), ("hpsgd_h16_f8", "ddp_bf16"),
-                     ("hpsgd_h16_f8", "ddp_powersgd")):  # fmt: skip
+                     ("hpsgd_h16_f8", "ddp_powersgd"), ("fabric_hpsgd", "fabric_ddp"),
+                     ("fabric_hpsgd_h4", "fabric_ddp"), ("fabric_ddp", "ddp"), ("fabric_hpsgd", "hpsgd"),
+                     ("fabric_hpsgd_h4", "hpsgd_h4")):  # fmt: skip
         if num in strategies and den in strategies:
             ratios[f"{num}/{den}"] = strategies[num]["step_time_s"]["median"] / strategies[den]["step_time_s"]["median"]
     param_bytes = link.param_bytes

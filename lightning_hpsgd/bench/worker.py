@@ -28,8 +28,10 @@ DEFAULT_STRATEGIES = ("ddp", "localsgd", "hpsgd", "hpsgd_h4", "hpsgd_auto", "hps
 SLOW_LINK = {"sync_every": 16, "sync_delay": "auto", "outer_lr": 0.8, "outer_momentum": 0.6}
 # DDP with a communication hook, Lightning's usual answer to a slow link: gradients in bf16, or PowerSGD.
 COMM_HOOKS = ("ddp_bf16", "ddp_powersgd")
+# The same model, data and steps in a plain Fabric loop: Fabric's DDP, and lightning_hpsgd.fabric.HPSGDStrategy.
+FABRIC = {"fabric_ddp": None, "fabric_hpsgd": {}, "fabric_hpsgd_h4": {"sync_every": 4}}
 STRATEGIES = (*DEFAULT_STRATEGIES, "hpsgd_node", "hpsgd_node_h4", "hpsgd_h16_delay", "hpsgd_h16_f4", "hpsgd_h16_f8",
-              *COMM_HOOKS)  # fmt: skip
+              *COMM_HOOKS, *FABRIC)  # fmt: skip
 # PowerSGD as PyTorch's PowerSGDState docs advise to start: rank 1, and plain all-reduce for the first 10 % of the
 # steps (compressing from the first step can take training down a worse path for good).
 POWERSGD_RANK = 1
@@ -122,6 +124,8 @@ def build_data(spec: dict[str, Any]):
 
 def train(spec: dict[str, Any]) -> dict[str, Any]:
     """Fit for ``max_steps`` (or until ``max_time_s``), validating every ``val_every`` steps; then validate."""
+    if spec["strategy"] in FABRIC:
+        return train_fabric(spec)
     import lightning as L
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.loggers import CSVLogger
@@ -225,6 +229,87 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
         "comm_hook": clock.comm_hook,
         "compression_rate": clock.compression_rate,
     }
+
+
+def train_fabric(spec: dict[str, Any]) -> dict[str, Any]:
+    """The Trainer's run as a Fabric loop: the recipe's model, data, AdamW and one-cycle schedule, ``max_steps``
+    steps timed as the Trainer's (from one step's end to the next), then the flushed model's test accuracy."""
+    import lightning as L
+    from lightning.fabric.strategies import DDPStrategy as FabricDDPStrategy
+
+    from lightning_hpsgd.fabric import HPSGDStrategy as FabricHPSGDStrategy
+
+    torch.set_num_threads(1)
+    L.seed_everything(spec.get("seed", 0), verbose=False)
+    timeout = timedelta(seconds=spec.get("timeout_s", 120))
+    options = FABRIC[spec["strategy"]]
+    if options is None:
+        strategy: Any = FabricDDPStrategy(process_group_backend="gloo", timeout=timeout)
+    else:
+        strategy = FabricHPSGDStrategy(process_group_backend="gloo", timeout=timeout, **options)
+    nodes = spec.get("nodes", spec["workers"])
+    fabric = L.Fabric(accelerator="cpu", devices=spec["workers"] // nodes, num_nodes=nodes, strategy=strategy)
+    fabric.launch()
+    module, data = build_model(spec), build_data(spec)
+    data.prepare_data()
+    data.setup("fit")
+    param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    config = module.optimizer_config(spec["max_steps"])
+    scheduler = config["lr_scheduler"]["scheduler"]
+    model, optimizer = fabric.setup(module, config["optimizer"])
+    train_loader, val_loader = fabric.setup_dataloaders(data.train_dataloader(), data.val_dataloader())
+    skip, intervals, steps, epoch = spec.get("skip_steps", 5), [], 0, 0
+    rss_before, started, last = rss_mb(), time.perf_counter(), None
+    while steps < spec["max_steps"]:
+        train_loader.sampler.set_epoch(epoch)
+        for x, y in train_loader:
+            if last is None:
+                last = time.perf_counter()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            fabric.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            steps += 1
+            now = time.perf_counter()
+            if steps > skip:
+                intervals.append(now - last)
+            last = now
+            if steps >= spec["max_steps"] or out_of_time(fabric, spec, steps, started):
+                break
+        else:
+            epoch += 1
+            continue
+        break
+    train_seconds = time.perf_counter() - started
+    stats = getattr(fabric.strategy, "stats", None)
+    if isinstance(fabric.strategy, FabricHPSGDStrategy):
+        fabric.strategy.flush()
+    correct = torch.zeros(2)
+    with torch.no_grad():
+        for x, y in val_loader:
+            correct += torch.tensor([(model(x).argmax(-1) == y).sum().item(), len(y)])
+    correct = fabric.all_reduce(correct, reduce_op="sum")
+    return {
+        "strategy": spec["strategy"], "rank": fabric.global_rank, "steps": steps, "step_times_s": intervals,
+        "median_step_s": statistics.median(intervals) if intervals else float("nan"),
+        "train_seconds": train_seconds, "fit_seconds": train_seconds, "curve": [],
+        "val_acc": float(correct[0] / correct[1]),
+        "wait_seconds": stats.wait_seconds if stats is not None else None,
+        "rounds": stats.rounds if stats is not None else None,
+        "sync_every": stats.sync_every if stats is not None else None,
+        "sync_delay": stats.sync_delay if stats is not None else None,
+        "rss_before_fit_mb": rss_before, "peak_rss_mb": peak_rss_mb(), "param_bytes": param_bytes,
+        "hpsgd_state_bytes": None, "comm_hook": None, "compression_rate": None,
+    }  # fmt: skip
+
+
+def out_of_time(fabric: Any, spec: dict[str, Any], steps: int, started: float) -> bool:
+    """Whether rank 0 has used up ``max_time_s``, asked every 10 steps (a broadcast, as the Trainer's ``Timer``
+    under DDP), so that every rank stops after the same step."""
+    if not spec.get("max_time_s") or steps % 10:
+        return False
+    return bool(fabric.broadcast(time.perf_counter() - started > spec["max_time_s"]))
 
 
 def shard_training_set(data: Any, rank: int, world: int) -> None:
