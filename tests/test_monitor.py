@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import math
 
+import pytest
+
 from tests.launch import run_ranks
 
 
@@ -104,20 +106,24 @@ def test_monitor_writes_hpsgd_scalars_to_tensorboard(tmp_path):
     assert {e.value for e in accumulator.Scalars("hpsgd/staleness")} == {2.0}
 
 
-def test_plot_command_help_and_a_folder_without_logs(tmp_path):
-    """`hpsgd plot --help` is plain text with an example; a folder without logs is one line, not a traceback."""
+def test_plot_command_help_and_a_folder_without_logs(tmp_path, capsys):
+    """`hpsgd plot --help` is plain text with an example (the command's entry point, in this process); a folder
+    without logs is one line, not a traceback (a real command)."""
     import subprocess
     import sys
 
+    from lightning_hpsgd.cli import main
     from tests.launch import ROOT, base_env
 
     def plot(*args):
         return subprocess.run([sys.executable, "-m", "lightning_hpsgd", "plot", *args], cwd=ROOT, env=base_env(),
                               capture_output=True, text=True, timeout=120)  # fmt: skip
 
-    shown = plot("--help")
-    assert shown.returncode == 0 and "``" not in shown.stdout and "example: hpsgd plot" in shown.stdout
-    assert "hidden fraction" in shown.stdout
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plot", "--help"])
+    shown = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "``" not in shown and "example: hpsgd plot" in shown
+    assert "hidden fraction" in shown
     (tmp_path / "empty").mkdir()
     failed = plot(str(tmp_path / "empty"))
     assert failed.returncode == 2 and "Traceback" not in failed.stderr
