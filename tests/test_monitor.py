@@ -21,10 +21,11 @@ def column(rows, key) -> list[float]:
 
 
 def test_monitor_writes_hpsgd_metrics_to_the_csv_logger(tmp_path):
-    """Rank 1 sleeps 30 ms per step, so rank 0 waits for rank 1's rounds (H=2): the logged wait (the worst rank's)
-    must show it. (The monitor's own all-reduce lines the ranks up at each logging step, every 3 rounds here.)"""
+    """Rank 1 sleeps 100 ms per step, so rank 0 waits for rank 1's rounds (H=2): the logged wait (the worst rank's)
+    must show it, at 20 ms ten times below the 200 ms rank 1 adds per round, so that a rank 0 slowed by a busy
+    machine still waits. (The monitor's own all-reduce lines the ranks up at each logging step, every 3 rounds.)"""
     args = {"csv_logger": True, "log_every_n_steps": 6, "sync_every": 2, "max_epochs": 4,
-            "model_args": {"step_sleep_s": 0.03, "sleep_rank": 1, "log_sync_dist": False}}  # fmt: skip
+            "model_args": {"step_sleep_s": 0.1, "sleep_rank": 1, "log_sync_dist": False}}  # fmt: skip
     run_ranks("fit", tmp_path, args)
     rows = read_metrics(tmp_path)
     assert column(rows, "hpsgd/comm_ms"), f"no hpsgd metrics in {list(rows[0])}"
